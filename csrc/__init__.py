@@ -1,0 +1,1 @@
+"""CUDA C++ sources (shipped as package data; built on first use where torch has CUDA)."""

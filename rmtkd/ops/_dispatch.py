@@ -1,0 +1,57 @@
+"""Backend selection shared by every op.
+
+Each op registers the backends that implement it. ``resolve_backend`` turns a request
+(``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``None`` meaning the ``RMTKD_BACKEND``
+environment variable, default ``"auto"``) into one concrete backend name, or raises a clear
+error: asking for a backend that cannot run is never silently replaced by another one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+
+# op -> backend -> predicate(device, dtype) -> (ok, reason-if-not)
+_REGISTRY: dict[str, dict[str, Callable[[torch.device, torch.dtype], tuple[bool, str]]]] = {}
+
+
+def register_backend(
+    op: str, backend: str, available: Callable[[torch.device, torch.dtype], tuple[bool, str]]
+) -> None:
+    """Declare that ``backend`` implements ``op``; ``available`` says whether it can run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = available
+
+
+def _always(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    return True, ""
+
+
+def resolve_backend(op: str, requested: str | None, device: torch.device | str | None,
+                    dtype: torch.dtype = torch.float32) -> str:
+    """Return the backend that will run ``op`` on ``device``/``dtype``."""
+    req = requested if requested is not None else os.environ.get("RMTKD_BACKEND", "auto")
+    req = req.strip().lower()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    impls = _REGISTRY.get(op, {"torch": _always})
+    if req == "auto":
+        # Fastest first; the order per op is set by measurement when GPU backends land.
+        for name in ("cuda", "triton", "torch"):
+            if name in impls and impls[name](dev, dtype)[0]:
+                return name
+        return "torch"
+    if req not in BACKENDS:
+        raise ValueError(f"unknown backend {req!r} for {op}; expected 'auto' or one of {BACKENDS}")
+    if req not in impls:
+        have = ", ".join(sorted(impls))
+        raise RuntimeError(
+            f"backend {req!r} is not implemented for {op} (implemented: {have}); "
+            f"use backend='auto' or one of those")
+    ok, why = impls[req](dev, dtype)
+    if not ok:
+        raise RuntimeError(f"backend {req!r} cannot run {op} on {dev} / {dtype}: {why}")
+    return req
