@@ -101,7 +101,7 @@ def markdown(summary: dict, digits: dict, meta: dict, cells: int) -> str:
              f"undetectable and count as noise), {meta['seeds']} seeds. Truth = spikes above "
              f"the BBP threshold. Full spectrum, no margin.", "",
              "Reproduce: `python bench/bench_estimators.py` "
-             f"(machine: {meta['machine'].get('cpu', '?')}).", "",
+             f"(machine: {meta['machine'].get('cpu_model', '?')}).", "",
              "| estimator | k exact | mean abs k error | over / under | sigma^2 rel. err. median | max | exact, Gaussian | exact, Student-t |",
              "|---|---|---|---|---|---|---|---|"]
     for est, s in summary.items():

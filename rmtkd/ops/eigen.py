@@ -53,7 +53,7 @@ def block_krylov_top(
     c: torch.Tensor,
     threshold_of: Callable[[np.ndarray], float],
     *,
-    block: int = 32,
+    block: int = 16,
     tol: float = 1e-5,
     max_basis: int | None = None,
     seed: int = 0,

@@ -1,0 +1,115 @@
+"""Small helpers shared by the benchmarks: machine info, a median timer, JSON and tables."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, else what ``platform`` reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """Host, CPU, core and thread counts, and library versions (torch, numpy, scipy, BLAS)."""
+    import numpy as np
+    import scipy
+    import torch
+
+    info: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other",
+        "env_threads": {k: os.environ[k] for k in
+                        ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                        if k in os.environ},
+    }
+    try:
+        blas = scipy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        info["scipy_blas"] = f"{blas['name']} {blas['version']}"
+    except (TypeError, KeyError):
+        pass
+    try:
+        load = os.getloadavg()
+        info["loadavg_1_5_15"] = [round(v, 2) for v in load]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def time_once(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
+    """Wall-clock seconds of one call of ``fn`` (``sync`` runs before each clock read)."""
+    if sync:
+        sync()
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t0
+
+
+def median_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                       sync: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Time several functions interleaved (A B A B ...) so load drifts hit them alike.
+
+    Returns ``{name: {"median_s", "min_s", "times_s"}}``.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, sync))
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v}
+            for k, v in times.items()}
+
+
+def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    """Write ``payload`` to ``bench/results/<name>-<host>-<UTC timestamp>.json``; return the path."""
+    out_dir = out_dir or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out_dir / f"{name}-{socket.gethostname()}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a plain aligned table; floats are shown with 4 significant digits."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))

@@ -1,0 +1,64 @@
+"""Analyse a model: sites -> calibration statistics -> spectrum fit per site."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import Site, collect_statistics, find_sites
+from .spectral import SpectrumFit, spikes
+
+
+def analyze_model(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    sites: Sequence[str] | Sequence[Site] | None = None,
+    estimator: str = "auto",
+    margin: float | str = 0.0,
+    solver: str = "auto",
+    acc_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict[str, SpectrumFit]:
+    """Fit the Marchenko-Pastur bulk and find the spikes at every site of ``model``.
+
+    Args:
+        model: the network (left in its original train/eval mode).
+        batches: calibration batches, as :func:`rmtkd.capture.collect_statistics` takes
+            them; any iterable (a generator is read once). The first batch is also the
+            example batch of :func:`rmtkd.capture.find_sites`.
+        sites: ``None`` for the automatic choice (hidden activations), a list of fnmatch
+            globs on module names, or a list of :class:`~rmtkd.capture.Site`.
+        estimator, margin, solver: passed to :func:`rmtkd.spikes`.
+        acc_dtype: covariance accumulation dtype (``torch.float32`` or ``torch.float64``).
+        progress: show a progress bar over the batches.
+
+    Returns:
+        ``{site.name: SpectrumFit}``, shallow to deep.
+
+    Raises:
+        ValueError: no batches, no sites, a glob that matches nothing, NaN/Inf activations,
+            fewer than 2 samples; :class:`~rmtkd.capture.CalibrationError` when the
+            forward pass fails.
+    """
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("empty data set: the calibration data yielded no batches; "
+                         "pass at least one batch of inputs") from None
+    if sites and all(isinstance(s, Site) for s in sites):
+        chosen = list(sites)
+    else:
+        chosen = find_sites(model, first, include=list(sites) if sites else None)
+    if not chosen:
+        raise ValueError("no sites to analyse: the model has no nn.Linear/nn.Conv2d with a "
+                         "hidden input of >= 2 features; name modules explicitly with sites=")
+    # An iterator is read once (put the first batch back); a collection is read again.
+    data = chain([first], it) if it is batches else batches
+    stats = collect_statistics(model, data, chosen, acc_dtype=acc_dtype, progress=progress)
+    return {name: spikes(s.cov, s.n, estimator=estimator, margin=margin, solver=solver)
+            for name, s in stats.items()}

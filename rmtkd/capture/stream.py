@@ -1,0 +1,171 @@
+"""Streaming calibration: forward hooks feed one covariance accumulator per site.
+
+Activations are never stored: each batch's activations go straight into a
+:class:`~rmtkd.ops.covariance.CovarianceAccumulator`, so memory is constant in the number
+of batches (O(d^2) per site).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..ops.covariance import CovarianceAccumulator, CovarianceStats, NonFiniteInputError
+
+from .sites import (NonFiniteActivationError, Site, batch_to, forward, model_device,
+                    split_batch)
+
+
+def site_features(site: Site, x: torch.Tensor) -> torch.Tensor:
+    """View an activation with the site's features last.
+
+    Linear: ``[..., dim]`` unchanged. Conv2d: ``[N, C, H, W]`` (or ``[C, H, W]``) becomes
+    ``[N, H, W, C]`` (``[H, W, C]``): every spatial position is one sample.
+    """
+    if site.kind == "conv2d":
+        if x.dim() not in (3, 4):
+            raise ValueError(f"site {site.name!r}: expected a [N, C, H, W] activation, "
+                             f"got shape {tuple(x.shape)}")
+        return x.movedim(-3, -1)
+    return x
+
+
+def _row_mask(site: Site, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention mask as a bool row mask for a ``[B, T, D]`` activation, else None."""
+    if mask is None or site.kind != "linear" or x.dim() != 3:
+        return None
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"site {site.name!r}: attention_mask has shape {tuple(mask.shape)} but the "
+            f"activation is {tuple(x.shape)}; expected a mask of shape [B, T] = "
+            f"{tuple(x.shape[:2])}")
+    return mask.to(device=x.device) != 0
+
+
+def collect_accumulators(
+    model: nn.Module,
+    batches: Iterable[Any],
+    sites: Sequence[Site],
+    *,
+    acc_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "calibration",
+    max_batches: int | None = None,
+) -> dict[str, CovarianceAccumulator]:
+    """Forward ``batches`` through ``model`` and accumulate each site's covariance.
+
+    Runs in eval mode without gradients (the previous mode is restored) and always removes
+    its hooks. The returned accumulators can be merged (e.g. across ranks) before
+    ``finalize()``.
+
+    Args:
+        model: the network; batch tensors are moved to its device.
+        batches: iterable of batches: a tensor, an ``(inputs, labels)`` tuple/list (only
+            element 0 is used) or a dict of model keyword arguments (its
+            ``"attention_mask"`` ``[B, T]`` masks the rows of ``[B, T, D]`` activations).
+        sites: from :func:`~rmtkd.capture.find_sites`.
+        acc_dtype: accumulation dtype (``torch.float32`` or ``torch.float64``).
+        device: where the accumulators live (default: the device of the activations).
+        progress: show a tqdm bar over batches.
+        max_batches: stop after this many batches.
+
+    Returns:
+        ``{site.name: accumulator}`` in the order of ``sites``.
+
+    Raises:
+        NonFiniteActivationError: NaN/Inf at a site (names the site and the batch index).
+        CalibrationError: the forward pass failed (names the batch index; wraps torch's error).
+        ValueError: no batches, or a site collected fewer than 2 samples.
+    """
+    modules = dict(model.named_modules())
+    for s in sites:
+        if s.module_name not in modules:
+            raise ValueError(f"site {s.name!r}: the model has no module {s.module_name!r}")
+    accs = {s.name: CovarianceAccumulator(s.dim, acc_dtype=acc_dtype, device=device)
+            for s in sites}
+    state: dict[str, Any] = {"batch": 0, "mask": None}
+
+    def feed(site: Site, x: Any) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"site {site.name!r}: expected a tensor activation, "
+                            f"got {type(x).__name__}")
+        feats = site_features(site, x.detach())
+        try:
+            accs[site.name].update(feats, mask=_row_mask(site, feats, state["mask"]))
+        except NonFiniteInputError as e:
+            raise NonFiniteActivationError(
+                f"site {site.name!r} has NaN or Inf activations in calibration batch "
+                f"{state['batch']}; check the inputs of that batch and the layers before "
+                f"the site") from e
+
+    def input_hook(site: Site):
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            feed(site, args[0] if args else next(iter(kwargs.values()), None))
+        return hook
+
+    def output_hook(site: Site):
+        def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+            feed(site, out)
+        return hook
+
+    handles = []
+    was_training = model.training
+    n_batches = 0
+    try:
+        for s in sites:
+            mod = modules[s.module_name]
+            handles.append(mod.register_forward_pre_hook(input_hook(s), with_kwargs=True)
+                           if s.where == "input" else mod.register_forward_hook(output_hook(s)))
+        model.eval()
+        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        if max_batches is not None and total is not None:
+            total = min(total, max_batches)
+        with torch.no_grad():
+            stream = batches if max_batches is None else islice(batches, max_batches)
+            for i, batch in enumerate(tqdm(stream, desc=desc, total=total, unit="batch",
+                                           disable=not progress)):
+                args, kwargs, mask = split_batch(batch)
+                args, kwargs = batch_to(args, kwargs, model_device(model))
+                state["batch"], state["mask"] = i, mask
+                forward(model, args, kwargs, i)
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError("empty data set: the calibration data yielded no batches; "
+                         "pass at least one batch of inputs")
+    for name, acc in accs.items():
+        if acc.n < 2:
+            raise ValueError(
+                f"site {name!r} collected {acc.n} sample(s) from {n_batches} batch(es); a "
+                f"covariance needs at least 2: pass more calibration data (and check that "
+                f"the module runs and the attention_mask is not all zero)")
+    return accs
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    sites: Sequence[Site],
+    *,
+    acc_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "calibration",
+    max_batches: int | None = None,
+) -> dict[str, CovarianceStats]:
+    """Mean and covariance of every site's activations over ``batches``.
+
+    Same arguments and errors as :func:`collect_accumulators`. Returns
+    ``{site.name: CovarianceStats(n, mean (dim,), cov (dim, dim))}`` in ``acc_dtype``.
+    """
+    accs = collect_accumulators(model, batches, sites, acc_dtype=acc_dtype, device=device,
+                                progress=progress, desc=desc, max_batches=max_batches)
+    return {name: acc.finalize() for name, acc in accs.items()}

@@ -1,0 +1,207 @@
+"""Command line: ``rmtkd analyze``.
+
+    rmtkd analyze --example digits-mlp [--out DIR]
+    rmtkd analyze --model model.pt --data data.npy [--out DIR] [--sites 'blocks.*.fc2']
+
+Errors the user can fix print one line ``rmtkd: error: ...`` to stderr and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DATA_SUFFIXES = (".pt", ".pth", ".npy")
+
+
+class UsageError(Exception):
+    """A problem with the user's arguments or files (reported without a traceback)."""
+
+
+def _margin(text: str) -> float | str:
+    if text == "tw" or text.startswith("tw:"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0, 'tw' or 'tw:<p>', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .spectral import ESTIMATORS, SOLVERS
+
+    parser = argparse.ArgumentParser(prog="rmtkd", description=(
+        "Compress neural networks with random-matrix theory (RMT-KD)."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("analyze", help="spectra of a model's hidden activations: MP bulk and "
+                       "spikes per site, written as a report",
+                       description="Forward calibration data, fit the Marchenko-Pastur bulk "
+                       "of each site's activation covariance and count the spikes above it.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--example", metavar="NAME",
+                     help="a built-in example (model + calibration data): digits-mlp")
+    src.add_argument("--model", metavar="FILE", type=Path,
+                     help="a module saved with torch.save(model, FILE); needs --data")
+    p.add_argument("--data", metavar="PATH", type=Path,
+                   help="calibration inputs: a .pt tensor (or a dict/tuple whose first element "
+                   "is the inputs; a dict with 'input_ids' is passed as keyword arguments), a "
+                   ".npy array, or a directory of such files; samples along dim 0")
+    p.add_argument("--out", metavar="DIR", type=Path,
+                   help="report directory (default: reports/<example or model file stem>)")
+    p.add_argument("--batch-size", type=int, default=256, help="calibration batch size (256)")
+    p.add_argument("--sites", nargs="+", metavar="GLOB",
+                   help="module names (fnmatch globs) to analyse instead of every hidden "
+                   "nn.Linear/nn.Conv2d input")
+    p.add_argument("--estimator", default="auto", choices=("auto", *ESTIMATORS),
+                   help="noise-level estimator (default: auto)")
+    p.add_argument("--margin", type=_margin, default=0.0,
+                   help="threshold = lambda_+ (1 + margin), or 'tw' / 'tw:<p>' for a "
+                   "Tracy-Widom quantile (default 0: the paper's lambda_+)")
+    p.add_argument("--solver", default="auto", choices=SOLVERS, help="eigen solver")
+    p.add_argument("--acc-dtype", default="float32", choices=("float32", "float64"),
+                   help="covariance accumulation dtype")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
+    p.add_argument("--force", action="store_true", help="replace an existing report directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed (example training, solver)")
+    return parser
+
+
+def _load_model(path: Path) -> torch.nn.Module:
+    if not path.is_file():
+        raise UsageError(f"model file {path} does not exist")
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"cannot unpickle the model in {path} ({e}); the module that defines "
+                         f"its class must be importable (check PYTHONPATH)") from e
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UsageError(f"cannot read the model file {path}: {e}") from e
+    if not isinstance(model, torch.nn.Module):
+        hint = " (a state_dict?)" if isinstance(model, dict) else ""
+        raise UsageError(f"{path} holds a {type(model).__name__}{hint}, not a torch.nn.Module; "
+                         f"save the whole module with torch.save(model, path)")
+    return model
+
+
+def _load_array(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
+    """One data file -> an input tensor, or a dict of keyword-argument tensors."""
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            arr = np.load(path, allow_pickle=False)
+            if arr.dtype.kind not in "biuf":
+                raise UsageError(f"{path}: unsupported array dtype {arr.dtype}; expected "
+                                 f"numbers")
+            obj: Any = torch.from_numpy(np.ascontiguousarray(arr))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"cannot read the data file {path}: {e}") from e
+    if isinstance(obj, dict):
+        if "input_ids" not in obj:
+            obj = next(iter(obj.values()), None)
+    elif isinstance(obj, (tuple, list)):
+        obj = obj[0] if obj else None
+    tensors = obj.values() if isinstance(obj, dict) else [obj]
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise UsageError(f"{path}: expected a tensor of inputs (or a dict/tuple whose first "
+                         f"element is one), got {type(obj).__name__}")
+    if any(t.dim() == 0 for t in tensors):
+        raise UsageError(f"{path}: the inputs are a scalar; expected samples along dim 0")
+    return obj
+
+
+def _data_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise UsageError(f"data path {path} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise UsageError(f"data directory {path} holds no {'/'.join(DATA_SUFFIXES)} files")
+        return files
+    if path.suffix not in DATA_SUFFIXES:
+        raise UsageError(f"data file {path} must end in {', '.join(DATA_SUFFIXES)}")
+    return [path]
+
+
+def _batches(files: list[Path], batch_size: int, dtype: torch.dtype) -> Iterator[Any]:
+    """Stream the files as batches along dim 0; float data is cast to the model's dtype."""
+    for f in files:
+        obj = _load_array(f)
+        cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+        if isinstance(obj, dict):
+            n = len(obj["input_ids"])
+            for i in range(0, n, batch_size):
+                yield {k: cast(v[i:i + batch_size]) for k, v in obj.items()}
+        else:
+            yield from (cast(b) for b in obj.split(batch_size))
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze_model
+    from .report import format_table, write_analysis_report
+
+    torch.manual_seed(args.seed)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.example is not None:
+        from .examples import EXAMPLES
+
+        if args.example not in EXAMPLES:
+            raise UsageError(f"unknown example {args.example!r}; available: "
+                             f"{', '.join(EXAMPLES)}")
+        if args.data is not None:
+            raise UsageError("--data goes with --model, not with --example")
+        model, batches, meta = EXAMPLES[args.example](seed=args.seed, progress=not args.quiet)
+        stem = args.example
+    else:
+        if args.data is None:
+            raise UsageError("--model needs --data (the calibration inputs)")
+        model = _load_model(args.model)
+        files = _data_files(args.data)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                     torch.float32)
+        batches = _batches(files, args.batch_size, dtype)
+        meta = {"model": str(args.model), "data": str(args.data),
+                "data_files": len(files), "batch_size": args.batch_size}
+        stem = args.model.stem
+    out = args.out if args.out is not None else Path("reports") / stem
+    if out.exists() and not args.force:
+        # Checked before the (possibly long) calibration; the writer checks again.
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    fits = analyze_model(model, batches, sites=args.sites, estimator=args.estimator,
+                         margin=args.margin, solver=args.solver,
+                         acc_dtype=getattr(torch, args.acc_dtype), progress=not args.quiet)
+    meta.update(estimator=args.estimator, margin=args.margin, solver=args.solver,
+                acc_dtype=args.acc_dtype, seed=args.seed, sites=list(fits))
+    path = write_analysis_report(out, fits, meta=meta, force=args.force)
+    if not args.quiet:
+        print(format_table(fits))
+    print(f"report: {path / 'index.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rmtkd`` console script; returns 0 or exits with code 2."""
+    from .capture import CalibrationError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _run_analyze(args)
+    except (UsageError, CalibrationError, ValueError, FileNotFoundError,
+            FileExistsError) as e:
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"rmtkd: error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Analysis reports: a console table, and a directory with JSON, one plot per site and an
+index.md.
+
+matplotlib is imported only when plots are drawn, so ``import rmtkd`` stays light.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .spectral import SpectrumFit, mp_pdf
+
+_COLUMNS = ("site", "d", "n", "gamma", "sigma^2", "lambda_+", "k", "k/d", "estimator",
+            "fit (KS)")
+# A spike further than this factor beyond the bulk's plot range gets its own log-x panel.
+_FAR = 1.5
+
+
+def _cells(name: str, fit: SpectrumFit) -> list[str]:
+    d = f"{fit.d}" if fit.d_eff == fit.d else f"{fit.d} ({fit.d_eff} live)"
+    ks = "-" if math.isnan(fit.ks_distance) else f"{fit.ks_distance:.3f}"
+    return [name, d, f"{fit.n}", f"{fit.gamma:.3g}", f"{fit.sigma2:.4g}",
+            f"{fit.lambda_plus:.4g}", f"{fit.k}", f"{fit.k / fit.d:.3f}", fit.estimator, ks]
+
+
+def format_table(fits: Mapping[str, SpectrumFit]) -> str:
+    """The per-site console table: site, d, n, gamma, sigma^2, lambda_+, k, k/d, estimator
+    and the KS distance of the bulk to the fitted MP law ("-" without a full spectrum).
+    A ``d`` of ``"256 (240 live)"`` means 16 features had zero variance."""
+    rows = [list(_COLUMNS)] + [_cells(name, fit) for name, fit in fits.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i in (0, 8) else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def _markdown_table(fits: Mapping[str, SpectrumFit]) -> str:
+    rows = [list(_COLUMNS), ["---"] * len(_COLUMNS)]
+    rows += [_cells(name, fit) for name, fit in fits.items()]
+    return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
+
+
+def _file_names(names: list[str]) -> dict[str, str]:
+    """Site name -> unique, filesystem-safe PNG name: ``net.fc2:input`` -> ``net.fc2_input.png``."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "site"
+        cand, i = stem, 1
+        while cand.lower() in used:
+            i += 1
+            cand = f"{stem}-{i}"
+        used.add(cand.lower())
+        out[name] = f"{cand}.png"
+    return out
+
+
+def plot_site(path: Path, name: str, fit: SpectrumFit) -> None:
+    """Draw one site's spectrum to ``path`` (PNG).
+
+    Left panel (linear x): histogram of the eigenvalues as a density over all of them, the
+    fitted MP density, lambda_+ and the threshold, spikes as a red rug. Spikes far beyond
+    the bulk get a right panel with a log-x axis, so the bulk stays readable.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    from matplotlib.transforms import blended_transform_factory
+
+    eigs = np.asarray(fit.eigenvalues, dtype=np.float64)
+    spikes = eigs[: fit.k]
+    lm, lp, thr = fit.lambda_minus, fit.lambda_plus, fit.threshold
+    bulk_top = float(eigs[fit.k]) if fit.full_spectrum and eigs.size > fit.k else lp
+    xmax = 1.15 * max(lp, thr, bulk_top)
+    far = spikes[spikes > _FAR * xmax]
+
+    fig = Figure(figsize=(11.0, 4.4) if far.size else (7.5, 4.4), dpi=110,
+                 layout="constrained")
+    if far.size:
+        ax, axr = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        ax, axr = fig.subplots(1, 1), None
+
+    notes: list[str] = []
+    hist_max = 0.0
+    if fit.full_spectrum:
+        # Density over all d_eff eigenvalues: the MP curve is then on the same scale.
+        zero = eigs <= 1e-9 * max(float(eigs.max(initial=0.0)), 1e-300)
+        shown = eigs[(eigs <= xmax) & (~zero if fit.gamma > 1 else True)]
+        if fit.gamma > 1 and zero.any():
+            notes.append(f"{int(zero.sum())} zero eigenvalues (MP atom at 0) not drawn")
+        bins = np.linspace(0.0, xmax, int(np.clip(eigs.size / 5, 30, 120)) + 1)
+        weights = np.full(shown.size, 1.0 / (eigs.size * (bins[1] - bins[0])))
+        counts, _, _ = ax.hist(shown, bins=bins, weights=weights, color="C0", alpha=0.55,
+                               label=f"eigenvalues ({eigs.size})")
+        hist_max = float(counts.max(initial=0.0))
+    else:
+        notes.append(f"solver={fit.solver}: only the top {eigs.size} eigenvalues computed")
+
+    grid = np.linspace(lm, lp, 600)[1:-1]
+    pdf = np.asarray(mp_pdf(grid, fit.gamma, fit.sigma2))
+    ax.plot(grid, pdf, color="k", lw=1.6,
+            label=f"MP  $\\gamma$={fit.gamma:.3g}, $\\sigma^2$={fit.sigma2:.3g}")
+    # Cap the y range: the MP density diverges at 0 when gamma is near 1.
+    ymax = 1.2 * max(hist_max, float(np.percentile(pdf, 98)) if pdf.size else 0.0, 1e-12)
+    ax.set_ylim(0.0, ymax)
+    ax.set_xlim(0.0, xmax)
+
+    def mark(a, values: np.ndarray) -> None:
+        a.axvline(lp, color="C2", ls="--", lw=1.3, label=f"$\\lambda_+$ = {lp:.4g}")
+        if not math.isclose(thr, lp, rel_tol=1e-9):
+            a.axvline(thr, color="C3", ls=":", lw=1.5, label=f"threshold = {thr:.4g}")
+        if values.size:
+            rug = blended_transform_factory(a.transData, a.transAxes)
+            a.plot(values, np.full(values.size, 0.03), ls="none", marker="|", ms=18,
+                   mew=1.6, color="C3", transform=rug, label=f"spikes (k={fit.k})")
+
+    mark(ax, spikes[spikes <= xmax])
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title("bulk" + (" (linear scale)" if axr is not None else ""), fontsize=10)
+    if notes:
+        ax.text(0.98, 0.97, "\n".join(notes), transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, color="0.3")
+    ax.legend(loc="best", fontsize=8, framealpha=0.85)
+
+    if axr is not None:
+        axr.set_xscale("log")
+        lo, hi = 0.7 * min(lp, thr, float(spikes.min())), 1.5 * float(spikes.max())
+        axr.hist(spikes, bins=np.geomspace(lo, hi, 31), color="C3", alpha=0.45)
+        mark(axr, spikes)
+        axr.set_xlim(lo, hi)
+        axr.set_xlabel("eigenvalue (log scale)")
+        axr.set_ylabel("number of spikes")
+        axr.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axr.set_title(f"spikes (largest {spikes.max():.4g})", fontsize=10)
+        axr.legend(loc="upper right", fontsize=8, framealpha=0.85)
+
+    dead = f", {fit.d - fit.d_eff} dead" if fit.d_eff != fit.d else ""
+    ks = "" if math.isnan(fit.ks_distance) else f", KS={fit.ks_distance:.3f}"
+    fig.suptitle(f"{name}   d={fit.d}{dead}, n={fit.n}, k={fit.k}   "
+                 f"(estimator {fit.estimator}{ks})", fontsize=11)
+    fig.savefig(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def _index_md(fits: Mapping[str, SpectrumFit], files: dict[str, str], meta: dict) -> str:
+    lines = ["# RMT-KD spectral analysis", ""]
+    show = lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    lines += [f"- **{k}**: {show(v)}" for k, v in meta.items()]
+    lines += ["", "Eigenvalues of each site's activation covariance against the fitted "
+              "Marchenko-Pastur bulk; the k spikes above the threshold carry the signal.", "",
+              _markdown_table(fits), "", "Full figures: `report.json`.", ""]
+    for name in fits:
+        lines += [f"## {name}", "", f"![{name}]({files[name]})", ""]
+    return "\n".join(lines)
+
+
+def write_analysis_report(out_dir: str | os.PathLike, fits: Mapping[str, SpectrumFit], *,
+                          meta: dict, force: bool = False) -> Path:
+    """Write ``report.json``, one PNG per site and ``index.md`` into ``out_dir``.
+
+    report.json is ``{"meta": meta, "sites": {site: fit.to_dict() + {"plot": png}}}``.
+    The directory appears atomically: it is written as a temporary sibling, then renamed.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``force`` is False.
+    Returns:
+        The report directory.
+    """
+    out = Path(out_dir)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace "
+                              f"it, or choose another output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files = _file_names(list(fits))
+        sites = {}
+        for name, fit in fits.items():
+            plot_site(tmp / files[name], name, fit)
+            sites[name] = {**fit.to_dict(), "plot": files[name]}
+        (tmp / "report.json").write_text(
+            json.dumps({"meta": meta, "sites": sites}, indent=1, default=_json_default))
+        (tmp / "index.md").write_text(_index_md(fits, files, meta))
+        os.chmod(tmp, 0o755)   # mkdtemp makes it private
+        if out.exists() or out.is_symlink():
+            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            out.rename(old)
+            tmp.rename(out)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
