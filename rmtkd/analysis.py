@@ -10,6 +10,7 @@ from torch import nn
 
 from .capture import Site, collect_statistics, find_sites
 from .spectral import SpectrumFit, spikes
+from .spectral.estimators import DEFAULT_MARGIN
 
 
 def analyze_model(
@@ -18,7 +19,7 @@ def analyze_model(
     *,
     sites: Sequence[str] | Sequence[Site] | None = None,
     estimator: str = "auto",
-    margin: float | str = 0.0,
+    margin: float | str = DEFAULT_MARGIN,
     solver: str = "auto",
     acc_dtype: torch.dtype = torch.float32,
     progress: bool = True,

@@ -34,6 +34,7 @@ def _margin(text: str) -> float | str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .spectral import ESTIMATORS, SOLVERS
+    from .spectral.estimators import DEFAULT_MARGIN
 
     parser = argparse.ArgumentParser(prog="rmtkd", description=(
         "Compress neural networks with random-matrix theory (RMT-KD)."))
@@ -59,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "nn.Linear/nn.Conv2d input")
     p.add_argument("--estimator", default="auto", choices=("auto", *ESTIMATORS),
                    help="noise-level estimator (default: auto)")
-    p.add_argument("--margin", type=_margin, default=0.0,
+    p.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN,
                    help="threshold = lambda_+ (1 + margin), or 'tw' / 'tw:<p>' for a "
-                   "Tracy-Widom quantile (default 0: the paper's lambda_+)")
+                   f"Tracy-Widom quantile (default {DEFAULT_MARGIN!r}; 0 is the paper's "
+                   "plain lambda_+)")
     p.add_argument("--solver", default="auto", choices=SOLVERS, help="eigen solver")
     p.add_argument("--acc-dtype", default="float32", choices=("float32", "float64"),
                    help="covariance accumulation dtype")

@@ -4,8 +4,9 @@
 twice by classical Gram-Schmidt, then within the block by QR) and runs Rayleigh-Ritz on it.
 After each Rayleigh-Ritz it asks ``threshold_of(ritz_values)`` where the detection threshold
 lies (the threshold itself depends on which eigenvalues are spikes, e.g. through the noise
-estimate), and stops once every Ritz pair above the threshold has converged and the count
-has stayed the same for one more block. It never forms the full spectrum: each step costs one
+estimate), and stops once every Ritz pair above the threshold has converged, the first
+Ritz value below it is known to be below it, and the count has stayed the same for one more
+block. It never forms the full spectrum: each step costs one
 product C @ (d x b) plus O(d m b) for the orthogonalisation, m being the basis size.
 """
 from __future__ import annotations
@@ -93,7 +94,10 @@ def block_krylov_top(
             r = w @ yj - (q @ yj) * theta[:j].to(dtype)
             res = r.norm(dim=0).double().cpu().numpy()
             ok = res <= np.maximum(tol * np.abs(vals[:j]), floor)
-            done = bool(ok[:k].all()) and k == prev_k
+            # The first value below the threshold must be known to be below it: converged,
+            # or its residual interval (an eigenvalue lies within res of it) below thr.
+            below = bool(ok[k]) or vals[k] + res[k] < thr
+            done = bool(ok[:k].all()) and below and k == prev_k
             result = KrylovResult(vals, (q @ y[:, :k].to(dtype)), k, thr, m, matvecs, done)
             if done:
                 return result

@@ -23,11 +23,14 @@ from typing import Callable
 import numpy as np
 
 from .bbp import spike_strength
-from .mp import mp_continuous_quantile, mp_edges, mp_pdf
+from .mp import mp_cdf, mp_continuous_quantile, mp_edges
 
 ESTIMATORS = ("paper", "median", "quantile-match", "moments")
 # Chosen by measurement: bench/bench_estimators.py, results in docs/estimators.md.
 DEFAULT_ESTIMATOR = "moments"
+# Detection threshold margin, also chosen there: the Tracy-Widom 0.95 quantile of the largest
+# null eigenvalue (the paper's plain lambda_+ is margin=0).
+DEFAULT_MARGIN = "tw"
 # Estimators that need every eigenvalue (the randomized solver cannot feed them).
 FULL_SPECTRUM_ESTIMATORS = ("paper", "median", "quantile-match")
 
@@ -90,17 +93,18 @@ def _paper(spec: Spectrum, k: int, tau: float, bins: int = 60) -> float:
 
     bulk, gamma, scale = spec.bulk(k)
     s0 = float(np.quantile(bulk, tau))
-    # Histogram of the bulk on a fixed grid covering MP's support for the starting value.
+    # Histogram of the bulk on a fixed grid covering MP's support for the starting value,
+    # against MP's mass per bin (bin-averaged density: finite even where the pdf is not,
+    # at 0 for gamma = 1).
     lo, hi = mp_edges(gamma, s0)
     edges = np.linspace(0.0 if gamma >= 1 else 0.5 * lo, 1.5 * hi, bins + 1)
-    # Density of the bulk, normalised to mass 1 (MP continuous part likewise).
     hist, _ = np.histogram(bulk, bins=edges)
-    dens = hist / (bulk.size * np.diff(edges))
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    mass = min(1.0, 1.0 / gamma)
+    frac = hist / bulk.size
+    atom = max(0.0, 1.0 - 1.0 / gamma)
 
     def resid(x: np.ndarray) -> np.ndarray:
-        return dens - mp_pdf(centres, gamma, float(x[0])) / mass
+        cdf = (mp_cdf(edges, gamma, float(x[0])) - atom) / (1.0 - atom)
+        return frac - np.diff(np.clip(cdf, 0.0, 1.0))
 
     sol = least_squares(resid, x0=[s0], bounds=([s0 * 0.25], [s0 * 4.0]))
     return float(sol.x[0]) / scale

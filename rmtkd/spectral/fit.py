@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .estimators import (FULL_SPECTRUM_ESTIMATORS, Spectrum, fit_noise, resolve_estimator)
+from .estimators import (DEFAULT_MARGIN, FULL_SPECTRUM_ESTIMATORS, Spectrum, fit_noise,
+                         resolve_estimator)
 from .mp import mp_cdf, mp_edges
 from .tracy_widom import largest_eigenvalue_quantile
 
@@ -142,13 +143,14 @@ def _make_fit(spec: Spectrum, d: int, estimator: str, margin, tau: float, solver
         margin=margin, ks_distance=ks, d_eff=spec.d, full_spectrum=spec.full, info=info)
 
 
-def analyze(eigenvalues: Any, n: int, *, estimator: str = "auto", margin: float | str = 0.0,
-            tau: float = 0.5) -> SpectrumFit:
+def analyze(eigenvalues: Any, n: int, *, estimator: str = "auto",
+            margin: float | str = DEFAULT_MARGIN, tau: float = 0.5) -> SpectrumFit:
     """Fit the MP bulk and count the spikes of a full spectrum.
 
     eigenvalues: all d eigenvalues of a sample covariance (any order; array or tensor).
     n: number of samples behind it. margin: 0 (the paper's lambda_+), a relative margin
-    (threshold = lambda_+ (1 + margin)), or 'tw' / 'tw:p' for a Tracy-Widom quantile.
+    (threshold = lambda_+ (1 + margin)), or 'tw' / 'tw:p' (the default, p = 0.95): the
+    Tracy-Widom p-quantile of the largest eigenvalue of pure noise.
     tau: starting quantile of the 'paper' estimator.
     """
     vals = np.sort(_to_numpy(eigenvalues).astype(np.float64).ravel())[::-1].copy()
@@ -166,8 +168,8 @@ def analyze(eigenvalues: Any, n: int, *, estimator: str = "auto", margin: float 
     return _make_fit(spec, d, estimator, margin, tau, "full", None, {"degenerate": drop})
 
 
-def spikes(cov: Any, n: int, *, estimator: str = "auto", margin: float | str = 0.0,
-           solver: str = "auto", tau: float = 0.5, seed: int = 0) -> SpectrumFit:
+def spikes(cov: Any, n: int, *, estimator: str = "auto",
+           margin: float | str = DEFAULT_MARGIN, solver: str = "auto", tau: float = 0.5, seed: int = 0) -> SpectrumFit:
     """Spikes of a sample covariance above the Marchenko-Pastur bulk, with their eigenvectors.
 
     cov: (d, d) symmetric covariance, torch tensor (fp32/fp64, any device) or NumPy array.
