@@ -2,7 +2,7 @@
 
 Grid: gamma in {0.05, 0.2, 0.5, 1, 2} x sigma^2 in {0.25, 1, 4} x noise in {gaussian,
 student-t(5)} x spike sets {none, 4 well above + 4 well below BBP, 16 well above}, several
-seeds, d = 300. Truth: the number of spikes above the BBP threshold. Also the k each estimator
+seeds, d = 600. Truth: the number of spikes above the BBP threshold. Also the k each estimator
 picks on the trained digits MLP's hidden layers (real activations, no known truth).
 
     python bench/bench_estimators.py [--quick]
@@ -161,7 +161,7 @@ def markdown(summary: dict, agree: dict, digits: dict, meta: dict, cells: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="d=120, 1 seed, no real-data part")
-    ap.add_argument("--d", type=int, default=300)
+    ap.add_argument("--d", type=int, default=600)
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     d, seeds = (120, 1) if args.quick else (args.d, args.seeds)

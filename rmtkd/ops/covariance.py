@@ -13,16 +13,21 @@ error is multiplied by ``n_a n_b / n ~ n / 4``, which alone would exceed 1e-5 re
 Only the upper triangle of ``M2`` is authoritative; the lower triangle holds whatever the
 elementwise updates left there and is rebuilt by symmetry in ``finalize`` / ``state_dict``.
 
-Backends: ``torch`` (the reference). On CPU it forms the shifted Gram matrix with BLAS
-``?syrk`` (upper triangle only, half the flops of ``X.T @ X``) on a workspace whose last
-column is ones, so the column sums come out of the same product; on other devices it uses
-plain torch matmuls in full fp32/fp64 precision (never TF32).
+Backends: ``torch`` (the reference). On CPU the shifted batch is written into a workspace
+whose last column is ones, so one product ``W^T W`` yields both the Gram matrix and the
+column sums; for large products only its upper triangle is formed (scipy's BLAS ``?syrk`` on
+few-core machines, torch GEMMs on column blocks otherwise, see ``_cpu_method``), for small
+ones it is a single torch GEMM. On other devices it uses plain torch matmuls. fp32 products
+always run in full precision (never TF32).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from scipy.linalg import blas as _blas
@@ -33,10 +38,19 @@ __all__ = ["CovarianceAccumulator", "CovarianceStats", "NonFiniteInputError", "m
 
 _ACC_DTYPES = (torch.float32, torch.float64)
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# CPU workspace: at most this many elements per chunk of rows (64 MiB in fp32), but never
-# fewer than _MIN_CHUNK_ROWS rows, below which syrk loses efficiency.
-_CHUNK_ELEMS = 1 << 24
+# CPU workspace: at most this many elements per chunk of rows (128 MiB in fp32: a 16384-row
+# batch of width 2047 in one product; each extra syrk call costs ~5-10 ms of thread hand-over),
+# but never fewer than _MIN_CHUNK_ROWS rows.
+_CHUNK_ELEMS = 1 << 25
 _MIN_CHUNK_ROWS = 8192
+# Which CPU product forms W^T W (see _cpu_method). Measured, n = 16384 rows, against
+# X.T @ X + X.sum(0): on 2 cores (AMD EPYC) syrk 1.45-1.7x, blocks 1.25-1.45x; on 16 cores
+# (Xeon) OpenBLAS syrk 0.55-1.2x, blocks 1.2-1.3x. Below ~2.5e9 multiply-adds per chunk
+# neither beats one GEMM (thread start-up and hand-over costs).
+_BIG_MIN_DIM = 512
+_BIG_MIN_WORK = 2.5e9
+_SYRK_MAX_THREADS = 4
+_BLOCK_COLS = 256
 
 
 class NonFiniteInputError(ValueError):
@@ -117,35 +131,102 @@ def _shifted_gram_matmul(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Te
     return g, xs.sum(0)
 
 
-def _shifted_gram_syrk(x: torch.Tensor, shift: torch.Tensor, workspace: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper triangle of the shifted Gram matrix and the column sums with BLAS ``?syrk`` (CPU).
+class _OpenBLAS(NamedTuple):
+    controller: Any  # threadpoolctl's controller: .num_threads
+    shutdown: Callable[[], None]  # blas_thread_shutdown_: stop the worker threads
 
-    Rows are processed in chunks of ``workspace.shape[0]``: each chunk is written shifted into
-    ``workspace[:, :d]`` (whose last column is ones) and ``W^T W`` is accumulated into one
-    ``(d + 1, d + 1)`` matrix, whose last column holds the column sums.
+
+@functools.lru_cache(maxsize=None)
+def _scipy_openblas() -> _OpenBLAS | None:
+    """The OpenBLAS that scipy uses (threadpoolctl's controller and its
+    ``blas_thread_shutdown_``), or None if not found (then syrk is not used).
+
+    After a threaded call, OpenBLAS workers busy-wait for ~2^28 cycles (~0.1 s) before
+    sleeping. On a small machine they compete with torch's OpenMP threads, so the torch work
+    that follows (the next forward pass) runs up to 5x slower and the time saved by syrk is
+    lost again. Shutting the pool down costs ~0.05 ms and OpenBLAS restarts it on its next
+    call, as it does after ``fork``. Loaded with ``PyDLL`` so the GIL stays held, as it is
+    during scipy's (f2py) BLAS calls; code calling scipy's BLAS without the GIL (Cython) in
+    another thread at the same moment would race with it.
+    """
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    libs = [c for c in ThreadpoolController().lib_controllers if c.internal_api == "openblas"]
+    # pip wheels: scipy's copy lives in scipy.libs/ or scipy_openblas32/, numpy's in numpy.libs/.
+    ours = [c for c in libs if "scipy" in os.path.basename(os.path.dirname(c.filepath))
+            or "scipy_openblas" in os.path.dirname(c.filepath)] or (libs if len(libs) == 1 else [])
+    if len(ours) != 1:
+        return None
+    try:
+        return _OpenBLAS(ours[0], ctypes.PyDLL(ours[0].filepath).blas_thread_shutdown_)
+    except (OSError, AttributeError):
+        return None
+
+
+def _cpu_method(rows: int, d: int) -> str:
+    """The CPU product for chunks of ``rows`` x ``d``: "gemm", "blocks" or "syrk".
+
+    One GEMM for small products; for large ones only the upper triangle: scipy's ``?syrk``
+    where its OpenBLAS pool is small (and can be released after the call), else torch GEMMs
+    on column blocks of the upper triangle.
+    """
+    if d < _BIG_MIN_DIM or rows * d * d < _BIG_MIN_WORK:
+        return "gemm"
+    openblas = _scipy_openblas()
+    if openblas is not None and openblas.controller.num_threads <= _SYRK_MAX_THREADS:
+        return "syrk"
+    return "blocks"
+
+
+def _shifted_gram_cpu(x: torch.Tensor, shift: torch.Tensor, workspace: torch.Tensor,
+                      method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted Gram matrix and column sums on CPU, from one product per chunk of rows.
+
+    Each chunk of ``workspace.shape[0]`` rows is written shifted into ``workspace[:, :d]``,
+    whose last column is ones, and ``W^T W`` is accumulated into one ``(d + 1, d + 1)``
+    matrix: its ``[:d, :d]`` block is ``Xs^T Xs`` and its last column ``Xs.sum(0)``.
 
     Args:
         x: ``(m, d)`` CPU rows, any float dtype.
         shift: ``(d,)`` CPU, float32 or float64 (the accumulation dtype).
         workspace: ``(rows, d + 1)`` contiguous, ``shift.dtype``, last column all ones.
+        method: "gemm" (one torch GEMM), "blocks" (torch GEMMs on column blocks of the upper
+            triangle, ~half the flops) or "syrk" (scipy's BLAS ``?syrk``, half the flops).
 
     Returns:
-        ``G`` ``(d, d)`` with only its upper triangle valid (lower triangle zero) and ``s``
-        ``(d,)``, views of one freshly allocated matrix.
+        ``G`` ``(d, d)`` with its upper triangle valid and ``s`` ``(d,)``, views of one freshly
+        allocated matrix.
     """
     m, d = x.shape
-    syrk = _blas.ssyrk if shift.dtype == torch.float32 else _blas.dsyrk
-    g = torch.zeros(d + 1, d + 1, dtype=shift.dtype)
+    n_cols = d + 1
+    g = torch.zeros(n_cols, n_cols, dtype=shift.dtype)
     # BLAS is column-major: W^T (rows of W as columns) is F-contiguous without a copy, and the
     # lower triangle of the column-major view of g is the upper triangle of g.
     c = g.numpy().T
+    syrk = _blas.ssyrk if shift.dtype == torch.float32 else _blas.dsyrk
+    openblas = _scipy_openblas()
+    n_blocks = max(1, round(n_cols / _BLOCK_COLS))
+    edges = [round(i * n_cols / n_blocks) for i in range(n_blocks + 1)]
     rows = workspace.shape[0]
     for i in range(0, m, rows):
         r = min(rows, m - i)
-        torch.sub(x[i:i + r], shift, out=workspace[:r, :d])
-        c = syrk(1.0, workspace[:r].numpy().T, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
-    g = torch.from_numpy(c.T)  # the same storage unless f2py had to copy c
+        w = workspace[:r]
+        torch.sub(x[i:i + r], shift, out=w[:, :d])
+        if method == "syrk":
+            c = syrk(1.0, w.numpy().T, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
+            if openblas is not None:
+                openblas.shutdown()  # release the spinning workers now
+        else:
+            with _ieee_fp32_matmul():  # oneDNN may also be set to TF32/bf16 for fp32
+                if method == "gemm":
+                    g.addmm_(w.mT, w)
+                else:
+                    for lo, hi in zip(edges[:-1], edges[1:]):
+                        g[lo:hi, lo:].addmm_(w[:, lo:hi].mT, w[:, lo:])
+    if method == "syrk":
+        g = torch.from_numpy(c.T)  # the same storage unless f2py had to copy c
     return g[:d, :d], g[:d, d]
 
 
@@ -196,7 +277,8 @@ class CovarianceAccumulator:
         self._workspace: torch.Tensor | None = None
 
     def _set_device(self, device: torch.device) -> None:
-        self.backend = resolve_backend("covariance", self._requested_backend, device, self.acc_dtype)
+        self.backend = resolve_backend("covariance", self._requested_backend, device,
+                                       self.acc_dtype)
         self.device = device
 
     def _adopt_device(self, device: torch.device) -> None:
@@ -244,15 +326,16 @@ class CovarianceAccumulator:
         return x2d.to(self.device)
 
     def _cpu_workspace(self, m: int) -> torch.Tensor:
-        """A ``(rows, dim + 1)`` acc-dtype buffer whose last column is ones, reused across updates."""
+        """A ``(rows, dim + 1)`` acc-dtype buffer, last column ones, for ``m`` rows split into
+        balanced chunks of at most ~``_CHUNK_ELEMS`` elements; reused across updates."""
         cap = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMS // (self.dim + 1))
-        rows = min(m, cap)
+        rows = -(-m // -(-m // cap))  # ceil(m / number of chunks)
         ws = self._workspace
-        if ws is None or ws.dtype != self.acc_dtype or ws.shape[0] < rows:
+        if ws is None or ws.shape[0] < rows:
             ws = torch.empty(rows, self.dim + 1, dtype=self.acc_dtype)
             ws[:, self.dim] = 1
             self._workspace = ws
-        return ws
+        return ws[:rows]
 
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> "CovarianceAccumulator":
         """Add the rows of a batch.
@@ -273,9 +356,12 @@ class CovarianceAccumulator:
         m = x2d.shape[0]
         if m == 0:
             return self
-        shift = self._mean.to(self.acc_dtype) if self._n > 0 else x2d.mean(0, dtype=self.acc_dtype)
+        acc = self.acc_dtype
+        shift = self._mean.to(acc) if self._n > 0 else x2d.mean(0, dtype=acc)
+        # Only the torch backend exists so far: see _cpu_method on CPU, plain matmuls elsewhere.
         if self.device.type == "cpu":
-            g, s = _shifted_gram_syrk(x2d, shift, self._cpu_workspace(m))
+            ws = self._cpu_workspace(m)
+            g, s = _shifted_gram_cpu(x2d, shift, ws, _cpu_method(ws.shape[0], self.dim))
         else:
             g, s = _shifted_gram_matmul(x2d, shift)
         # Any NaN/Inf in the batch reaches the column sums; an overflowing square, the diagonal.
@@ -338,7 +424,8 @@ class CovarianceAccumulator:
         if missing:
             raise ValueError(f"covariance state is missing keys {sorted(missing)}")
         dim, n, mean, m2 = state["dim"], state["n"], state["mean"], state["m2"]
-        if dim != self.dim or tuple(mean.shape) != (self.dim,) or tuple(m2.shape) != (self.dim, self.dim):
+        d = self.dim
+        if dim != d or tuple(mean.shape) != (d,) or tuple(m2.shape) != (d, d):
             raise ValueError(
                 f"covariance state has dim={dim}, mean {tuple(mean.shape)}, m2 {tuple(m2.shape)}; "
                 f"this accumulator has dim={self.dim}: load it into CovarianceAccumulator({dim})")

@@ -106,14 +106,16 @@ def _check_n(n: int, d: int) -> int:
     return n
 
 
-def _degenerate_eigs(vals: np.ndarray, d: int, n: int) -> int:
-    """How many (near-)zero eigenvalues are degenerate directions rather than MP's atom.
+def _degenerate_eigs(vals: np.ndarray, d: int, n: int, eps: float) -> int:
+    """How many zero eigenvalues are degenerate directions rather than MP's atom.
 
-    A centred covariance from n samples has rank <= n - 1, so up to d - (n - 1) zeros belong
-    to the MP atom (gamma > 1); further zeros come from duplicated or collinear features.
+    Zero means below the rounding level of an eigensolver in precision ``eps``
+    (4 sqrt(d) eps lambda_max). A centred covariance from n samples has rank <= n - 1, so up to
+    d - (n - 1) zeros belong to the MP atom (gamma > 1); further zeros come from duplicated
+    or collinear features.
     """
     scale = max(float(vals.max(initial=0.0)), np.finfo(float).tiny)
-    zeros = int(np.count_nonzero(vals <= 1e-6 * scale))
+    zeros = int(np.count_nonzero(vals <= 4.0 * np.sqrt(d) * eps * scale))
     return max(0, zeros - max(0, d - (n - 1)))
 
 
@@ -153,7 +155,9 @@ def analyze(eigenvalues: Any, n: int, *, estimator: str = "auto",
     Tracy-Widom p-quantile of the largest eigenvalue of pure noise.
     tau: starting quantile of the 'paper' estimator.
     """
-    vals = np.sort(_to_numpy(eigenvalues).astype(np.float64).ravel())[::-1].copy()
+    raw = _to_numpy(eigenvalues)
+    eps = float(np.finfo(raw.dtype if raw.dtype == np.float32 else np.float64).eps)
+    vals = np.sort(raw.astype(np.float64).ravel())[::-1].copy()
     d = vals.size
     n = _check_n(n, d)
     if d < 2:
@@ -161,7 +165,7 @@ def analyze(eigenvalues: Any, n: int, *, estimator: str = "auto",
     if not np.isfinite(vals).all():
         raise ValueError("eigenvalues contain NaN or Inf")
     vals = np.clip(vals, 0.0, None)   # a PSD matrix: negative values are rounding noise
-    drop = _degenerate_eigs(vals, d, n)
+    drop = _degenerate_eigs(vals, d, n, eps)
     kept = vals[: d - drop]
     estimator = resolve_estimator(estimator)
     spec = Spectrum(top=kept, trace=float(kept.sum()), d=d - drop, n=n, full=True)
@@ -244,7 +248,7 @@ def spikes(cov: Any, n: int, *, estimator: str = "auto",
     vals, vecs = torch.linalg.eigh(ca)
     vals, vecs = vals.flip(0), vecs.flip(1)
     top = np.clip(vals.double().cpu().numpy(), 0.0, None)
-    drop = _degenerate_eigs(top, da, n)
+    drop = _degenerate_eigs(top, da, n, torch.finfo(ca.dtype).eps)
     info["degenerate"] = drop
     spec = Spectrum(top=top[: da - drop], trace=float(top[: da - drop].sum()), d=da - drop,
                     n=n, full=True)
