@@ -121,7 +121,7 @@ def markdown(summary: dict, agree: dict, digits: dict, meta: dict, cells: int) -
              f"sigma^2 in {list(SIGMA2)}, Gaussian and Student-t(5) noise, spike sets "
              f"{list(SPIKE_SETS)} (strengths in units of the BBP threshold; 'below' ones are "
              f"undetectable and count as noise), {meta['seeds']} seeds. Truth = spikes above "
-             f"the BBP threshold. Full spectrum, no margin.", "",
+             f"the BBP threshold. Full spectrum (solver=\"full\"); rows without +tw use no margin.", "",
              "Reproduce: `python bench/bench_estimators.py` "
              f"(machine: {meta['machine'].get('cpu_model', '?')}).", "",
              "Rows marked +tw use the Tracy-Widom 0.95 margin (`margin=\"tw\"`).", "",
