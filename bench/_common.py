@@ -93,7 +93,7 @@ def median_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: 
 
 
 def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
-    """Write ``payload`` to ``bench/results/<name>-<host>-<UTC timestamp>.json``; return the path."""
+    """Write ``payload`` to ``bench/results/<name>-<host>-<UTC time>.json``; return the path."""
     out_dir = out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

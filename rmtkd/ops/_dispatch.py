@@ -1,9 +1,10 @@
 """Backend selection shared by every op.
 
 Each op registers the backends that implement it. ``resolve_backend`` turns a request
-(``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``None`` meaning the ``RMTKD_BACKEND``
-environment variable, default ``"auto"``) into one concrete backend name, or raises a clear
-error: asking for a backend that cannot run is never silently replaced by another one.
+(``"torch"``, ``"triton"``, ``"cuda"``, or ``"auto"``/``None``, which defer to the
+``RMTKD_BACKEND`` environment variable and else pick the fastest available) into one
+concrete backend name, or raises a clear error: asking for a backend that cannot run is
+never silently replaced by another one.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def _always(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
 def resolve_backend(op: str, requested: str | None, device: torch.device | str | None,
                     dtype: torch.dtype = torch.float32) -> str:
     """Return the backend that will run ``op`` on ``device``/``dtype``."""
-    req = requested if requested is not None else os.environ.get("RMTKD_BACKEND", "auto")
-    req = req.strip().lower()
+    req = (requested or "auto").strip().lower()
+    if req == "auto":  # the process-wide choice, if any, replaces the default
+        req = os.environ.get("RMTKD_BACKEND", "auto").strip().lower()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     impls = _REGISTRY.get(op, {"torch": _always})
     if req == "auto":

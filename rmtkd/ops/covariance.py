@@ -38,15 +38,15 @@ __all__ = ["CovarianceAccumulator", "CovarianceStats", "NonFiniteInputError", "m
 
 _ACC_DTYPES = (torch.float32, torch.float64)
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# CPU workspace: at most this many elements per chunk of rows (128 MiB in fp32: a 16384-row
-# batch of width 2047 in one product; each extra syrk call costs ~5-10 ms of thread hand-over),
-# but never fewer than _MIN_CHUNK_ROWS rows.
+# CPU workspace: batches are split into balanced chunks of at most this many elements
+# (128 MiB in fp32) but never fewer than _MIN_CHUNK_ROWS rows, so a typical batch is one
+# product (each extra syrk call costs ~5-10 ms of thread hand-over at d = 1024).
 _CHUNK_ELEMS = 1 << 25
-_MIN_CHUNK_ROWS = 8192
+_MIN_CHUNK_ROWS = 16384
 # Which CPU product forms W^T W (see _cpu_method). Measured, n = 16384 rows, against
-# X.T @ X + X.sum(0): on 2 cores (AMD EPYC) syrk 1.45-1.7x, blocks 1.25-1.45x; on 16 cores
-# (Xeon) OpenBLAS syrk 0.55-1.2x, blocks 1.2-1.3x. Below ~2.5e9 multiply-adds per chunk
-# neither beats one GEMM (thread start-up and hand-over costs).
+# X.T @ X + X.sum(0), d = 1024..4096: on 2 cores (AMD EPYC) syrk 1.4-1.9x, blocks 1.25-1.45x;
+# on 16 cores (Xeon) OpenBLAS syrk 0.55-1.2x, blocks 1.15-1.3x. Below ~2.5e9 multiply-adds
+# per chunk neither beats one GEMM (thread start-up and hand-over costs).
 _BIG_MIN_DIM = 512
 _BIG_MIN_WORK = 2.5e9
 _SYRK_MAX_THREADS = 4

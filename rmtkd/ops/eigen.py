@@ -4,10 +4,10 @@
 twice by classical Gram-Schmidt, then within the block by QR) and runs Rayleigh-Ritz on it.
 After each Rayleigh-Ritz it asks ``threshold_of(ritz_values)`` where the detection threshold
 lies (the threshold itself depends on which eigenvalues are spikes, e.g. through the noise
-estimate), and stops once every Ritz pair above the threshold has converged, the first
-Ritz value below it is known to be below it, and the count has stayed the same for one more
-block. It never forms the full spectrum: each step costs one
-product C @ (d x b) plus O(d m b) for the orthogonalisation, m being the basis size.
+estimate), and stops once every Ritz pair above the threshold has converged and the first
+Ritz value below it is known to be below it. It never forms the full spectrum: each step
+costs one product C @ (d x b) plus O(d m b) for the orthogonalisation, m being the basis
+size. Any device: the only host synchronisations are the convergence checks.
 """
 from __future__ import annotations
 
@@ -29,25 +29,28 @@ class KrylovResult:
     converged: bool
 
 
-def _orthonormalise(z: torch.Tensor, q: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
-    """Orthonormalise the block z against q (CGS2) and within itself (QR).
+def _orthonormalise(f: torch.Tensor, q: torch.Tensor | None, gen: torch.Generator,
+                    h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormalise the block f against q (CGS2) and within itself (QR): f' = Z R.
 
-    Columns that vanish (the Krylov space is exhausted, or rank deficiency) are replaced by
-    fresh random directions so the basis keeps growing.
+    h: q^T f if the caller has it already (saves one product). Returns (Z, R) with
+    (I - q q^T) f = Z R. Columns that vanish (the Krylov space is exhausted, or rank
+    deficiency) are replaced by fresh random directions so the basis keeps growing.
     """
-    for _ in range(2):
-        if q is not None and q.shape[1]:
-            z = z - q @ (q.T @ z)
-    norms0 = z.norm(dim=0)
-    qz, r = torch.linalg.qr(z)
+    if q is not None and q.shape[1]:
+        f = f - q @ (q.T @ f if h is None else h)
+        f = f - q @ (q.T @ f)
+    z, r = torch.linalg.qr(f)
     diag = r.diagonal().abs()
-    bad = diag <= 1e-5 * norms0.max().clamp_min(torch.finfo(z.dtype).tiny)
+    bad = diag <= 1e-5 * diag.max().clamp_min(torch.finfo(f.dtype).tiny)
     if bool(bad.any()):
-        fresh = torch.randn(z.shape[0], int(bad.sum()), generator=gen, dtype=z.dtype,
-                            device="cpu").to(z.device)
-        qz = qz.clone()
-        qz[:, bad] = _orthonormalise(fresh, q if q is None else torch.cat([q, qz[:, ~bad]], 1), gen)
-    return qz
+        fresh = torch.randn(f.shape[0], int(bad.sum()), generator=gen, dtype=f.dtype,
+                            device="cpu").to(f.device)
+        keep = z[:, ~bad]
+        z = z.clone()
+        z[:, bad] = _orthonormalise(fresh, keep if q is None else torch.cat([q, keep], 1),
+                                    gen)[0]
+    return z, r
 
 
 def block_krylov_top(
@@ -55,7 +58,7 @@ def block_krylov_top(
     threshold_of: Callable[[np.ndarray], float],
     *,
     block: int = 16,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     max_basis: int | None = None,
     seed: int = 0,
 ) -> KrylovResult:
@@ -66,6 +69,11 @@ def block_krylov_top(
     ||C y - t y|| <= tol * t (or, in fp32, when it reaches the rounding floor of C).
     max_basis: stop growing there (default min(d, max(8 * block, d // 2))); the caller then
     falls back to a full eigendecomposition (``converged`` is False).
+
+    Rayleigh-Ritz runs once the basis has grown by max(block, m / 8) columns since the last
+    one (its eigh costs O(m^3)). Residuals come free from the Krylov relation
+    C Q = Q T + F E^T, F = (I - Q Q^T) C Q_last = Z R: for a Ritz vector Q y the residual
+    norm is ||R y_last||, y_last being y's rows of the newest block.
     """
     d = c.shape[0]
     dtype, dev = c.dtype, c.device
@@ -74,48 +82,38 @@ def block_krylov_top(
     b = min(block, d)
     floor = 30.0 * torch.finfo(dtype).eps * float(torch.linalg.matrix_norm(c, ord="fro"))
 
-    z = torch.randn(d, b, generator=gen, dtype=dtype, device="cpu").to(dev)
-    q = _orthonormalise(z, None, gen)
-    w = c @ q
-    t = (q.T @ w).double()
-    matvecs, prev_k = b, -1
-    result = None
+    zl = _orthonormalise(torch.randn(d, b, generator=gen, dtype=dtype).to(dev), None, gen)[0]
+    q = zl
+    t = torch.zeros(0, 0, dtype=torch.float64, device=dev)
+    matvecs, last_rr = 0, 0
     while True:
         m = q.shape[1]
-        theta, y = torch.linalg.eigh(0.5 * (t + t.T))
-        theta, y = theta.flip(0), y.flip(1)
-        vals = theta.cpu().numpy()
-        thr = float(threshold_of(vals))
-        k = int(np.count_nonzero(vals > thr))
-        if k < m:
-            # Residuals of the pairs above the threshold and of the first one below it.
-            j = k + 1
-            yj = y[:, :j].to(dtype)
-            r = w @ yj - (q @ yj) * theta[:j].to(dtype)
-            res = r.norm(dim=0).double().cpu().numpy()
-            ok = res <= np.maximum(tol * np.abs(vals[:j]), floor)
-            # The first value below the threshold must be known to be below it: converged, or
-            # nearly (to sqrt(tol): it sits in the dense bulk, where Ritz values converge
-            # slowly) with its residual interval (an eigenvalue lies within res of it) below
-            # thr. A large residual says nothing: early Ritz values mix many eigenvectors.
-            below = bool(ok[k]) or (res[k] <= np.sqrt(tol) * abs(vals[k])
-                                    and vals[k] + res[k] < thr)
-            done = bool(ok[:k].all()) and below and k == prev_k
-            result = KrylovResult(vals, (q @ y[:, :k].to(dtype)), k, thr, m, matvecs, done)
-            if done:
-                return result
-            prev_k = k if bool(ok[:k].all()) else -1
-        if m + b > max_basis:
-            if result is None:
-                result = KrylovResult(vals, q @ y[:, :k].to(dtype), k, thr, m, matvecs, False)
-            result.converged = False
-            return result
-        # Grow the basis by one block: the C-image of the newest block.
-        znew = _orthonormalise(w[:, -b:], q, gen)
-        wnew = c @ znew
-        matvecs += b
-        # Rayleigh quotient matrix, extended by the new rows/columns only.
-        t_new = (torch.cat([q, znew], 1).T @ wnew).double()
-        t = torch.cat([torch.cat([t, t_new[:m].T], 0), t_new], 1)
-        q = torch.cat([q, znew], 1)
-        w = torch.cat([w, wnew], 1)
+        wl = c @ zl                       # C times the newest block
+        matvecs += zl.shape[1]
+        h = q.T @ wl                      # its Rayleigh-quotient columns
+        t = torch.cat([torch.cat([t, h[: m - zl.shape[1]].T.double()], 0), h.double()], 1)
+        znext, r = _orthonormalise(wl, q, gen, h)
+        if last_rr == 0 or m - last_rr >= max(b, m // 8) or m + b > max_basis:
+            last_rr = m
+            theta, y = torch.linalg.eigh(0.5 * (t + t.T))
+            theta, y = theta.flip(0), y.flip(1)
+            vals = theta.cpu().numpy()
+            thr = float(threshold_of(vals))
+            k = int(np.count_nonzero(vals > thr))
+            if k < m:
+                res = torch.linalg.vector_norm(r.double() @ y[m - zl.shape[1]:, : k + 1],
+                                               dim=0).cpu().numpy()
+                ok = res <= np.maximum(tol * np.abs(vals[: k + 1]), floor)
+                # The first value below the threshold must be known to be below it:
+                # converged, or nearly (to sqrt(tol): it sits in the dense bulk, where Ritz
+                # values converge slowly) with its residual interval (an eigenvalue lies
+                # within res of it) below thr. A large residual says nothing: early Ritz
+                # values mix many eigenvectors.
+                below = bool(ok[k]) or (res[k] <= np.sqrt(tol) * abs(vals[k])
+                                        and vals[k] + res[k] < thr)
+                if bool(ok[:k].all()) and below:
+                    return KrylovResult(vals, q @ y[:, :k].to(dtype), k, thr, m, matvecs, True)
+            if m + b > max_basis:
+                return KrylovResult(vals, q @ y[:, :k].to(dtype), k, thr, m, matvecs, False)
+        q = torch.cat([q, znext], 1)
+        zl = znext
