@@ -162,3 +162,29 @@ def test_bad_inputs():
         rmtkd.spikes(torch.zeros(4, 4), 10)
     with pytest.raises(TypeError):
         rmtkd.spikes(torch.eye(3, dtype=torch.int64), 10)
+
+
+def test_randomized_solver_on_a_rank_deficient_matrix():
+    # n < d: rank n - 1, so the Krylov space is exhausted before the basis limit.
+    d, n = 400, 60
+    s, c = planted(d, n, 3, strength=10)
+    full = rmtkd.spikes(c, n, solver="full")
+    rand = rmtkd.spikes(c.float(), n, solver="randomized")
+    assert rand.k == full.k == 3
+    assert rand.sigma2 == pytest.approx(full.sigma2, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [0, 8, 64])
+def test_randomized_on_cuda_matches_cpu_full(k):
+    d, n = 1536, 6144
+    s, c = planted(d, n, k, seed=5)
+    full = rmtkd.spikes(c, n, solver="full")
+    gpu = rmtkd.spikes(c.float().cuda(), n, solver="randomized")
+    assert gpu.solver == "randomized" and gpu.eigenvectors.is_cuda
+    assert gpu.k == full.k == k
+    assert gpu.sigma2 == pytest.approx(full.sigma2, rel=1e-4)
+    if k:
+        np.testing.assert_allclose(gpu.spike_eigenvalues, full.spike_eigenvalues, rtol=1e-4)
+        assert sin_angle(gpu.eigenvectors.cpu(), full.eigenvectors) < 1e-3

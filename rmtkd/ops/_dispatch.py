@@ -32,6 +32,24 @@ def _always(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     return True, ""
 
 
+def triton_runnable(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on ``device``: CUDA tensors with Triton installed, or
+    CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before Triton is
+    imported), which is how tests and machines without a GPU exercise the kernels."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed (pip install 'rmtkd[triton]')"
+    if device.type == "cuda":
+        return (True, "") if torch.cuda.is_available() else (False, "CUDA is not available")
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, ""
+        return False, ("Triton kernels need a CUDA device; on CPU they run only under the "
+                       "Triton interpreter (set TRITON_INTERPRET=1 before importing rmtkd)")
+    return False, f"Triton does not support {device.type} tensors"
+
+
 def resolve_backend(op: str, requested: str | None, device: torch.device | str | None,
                     dtype: torch.dtype = torch.float32) -> str:
     """Return the backend that will run ``op`` on ``device``/``dtype``."""
@@ -41,9 +59,11 @@ def resolve_backend(op: str, requested: str | None, device: torch.device | str |
     dev = torch.device(device) if device is not None else torch.device("cpu")
     impls = _REGISTRY.get(op, {"torch": _always})
     if req == "auto":
-        # Fastest first; the order per op is set by measurement when GPU backends land.
-        for name in ("cuda", "triton", "torch"):
-            if name in impls and impls[name](dev, dtype)[0]:
+        # GPU backends only for CUDA tensors (never the Triton interpreter), fastest first;
+        # an op whose GPU kernels lose to torch at some shapes leaves them unregistered or
+        # declines in its predicate, as its benchmark decides.
+        for name in ("cuda", "triton"):
+            if dev.type == "cuda" and name in impls and impls[name](dev, dtype)[0]:
                 return name
         return "torch"
     if req not in BACKENDS:

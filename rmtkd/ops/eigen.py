@@ -34,8 +34,10 @@ def _orthonormalise(f: torch.Tensor, q: torch.Tensor | None, gen: torch.Generato
     """Orthonormalise the block f against q (CGS2) and within itself (QR): f' = Z R.
 
     h: q^T f if the caller has it already (saves one product). Returns (Z, R) with
-    (I - q q^T) f = Z R. Columns that vanish (the Krylov space is exhausted, or rank
-    deficiency) are replaced by fresh random directions so the basis keeps growing.
+    (I - q q^T) f = Z R. Columns that vanish (the Krylov space is exhausted, e.g. a
+    rank-deficient C) are replaced by fresh random directions so the basis keeps growing.
+    On the CPU that is a branch; on a GPU the replacement is computed every time and
+    selected with ``where``, so the loop never waits for the device.
     """
     if q is not None and q.shape[1]:
         f = f - q @ (q.T @ f if h is None else h)
@@ -43,13 +45,13 @@ def _orthonormalise(f: torch.Tensor, q: torch.Tensor | None, gen: torch.Generato
     z, r = torch.linalg.qr(f)
     diag = r.diagonal().abs()
     bad = diag <= 1e-5 * diag.max().clamp_min(torch.finfo(f.dtype).tiny)
-    if bool(bad.any()):
-        fresh = torch.randn(f.shape[0], int(bad.sum()), generator=gen, dtype=f.dtype,
-                            device="cpu").to(f.device)
-        keep = z[:, ~bad]
-        z = z.clone()
-        z[:, bad] = _orthonormalise(fresh, keep if q is None else torch.cat([q, keep], 1),
-                                    gen)[0]
+    if f.is_cuda or bool(bad.any()):
+        fresh = torch.randn(f.shape, generator=gen, dtype=f.dtype, device=gen.device)
+        basis = z if q is None else torch.cat([q, z], 1)
+        for _ in range(2):
+            fresh = fresh - basis @ (basis.T @ fresh)
+        fresh = torch.linalg.qr(fresh)[0]
+        z = torch.where(bad, fresh, z)
     return z, r
 
 
@@ -77,12 +79,13 @@ def block_krylov_top(
     """
     d = c.shape[0]
     dtype, dev = c.dtype, c.device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     max_basis = min(d, max_basis if max_basis is not None else max(8 * block, d // 2))
     b = min(block, d)
     floor = 30.0 * torch.finfo(dtype).eps * float(torch.linalg.matrix_norm(c, ord="fro"))
 
-    zl = _orthonormalise(torch.randn(d, b, generator=gen, dtype=dtype).to(dev), None, gen)[0]
+    zl = _orthonormalise(torch.randn(d, b, generator=gen, dtype=dtype, device=dev), None,
+                         gen)[0]
     q = zl
     t = torch.zeros(0, 0, dtype=torch.float64, device=dev)
     matvecs, last_rr = 0, 0

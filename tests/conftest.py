@@ -1,0 +1,12 @@
+"""Test-session setup.
+
+Without a CUDA device, Triton kernels can only run in its interpreter, which must be chosen
+before Triton is first imported: set TRITON_INTERPRET=1 here, before any test module loads.
+Tests marked ``interpreter`` exercise the Triton kernels that way (small shapes only).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
