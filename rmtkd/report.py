@@ -107,9 +107,12 @@ def plot_site(path: Path, name: str, fit: SpectrumFit) -> None:
         notes.append(f"solver={fit.solver}: only the top {eigs.size} eigenvalues computed")
 
     grid = np.linspace(lm, lp, 600)[1:-1]
-    pdf = np.asarray(mp_pdf(grid, fit.gamma, fit.sigma2))
+    # The bulk holds d_eff - k of the d_eff eigenvalues: scale MP's density to that share.
+    bulk_share = (eigs.size - fit.k) / eigs.size if fit.full_spectrum else 1.0
+    pdf = bulk_share * np.asarray(mp_pdf(grid, fit.gamma, fit.sigma2))
     ax.plot(grid, pdf, color="k", lw=1.6,
-            label=f"MP  $\\gamma$={fit.gamma:.3g}, $\\sigma^2$={fit.sigma2:.3g}")
+            label=f"MP  $\\gamma$={fit.gamma:.3g}, $\\sigma^2$={fit.sigma2:.3g}"
+                  + (f" (x{bulk_share:.2f} bulk share)" if bulk_share < 0.995 else ""))
     # Cap the y range: the MP density diverges at 0 when gamma is near 1.
     ymax = 1.2 * max(hist_max, float(np.percentile(pdf, 98)) if pdf.size else 0.0, 1e-12)
     ax.set_ylim(0.0, ymax)
