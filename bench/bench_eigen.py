@@ -68,6 +68,11 @@ def main() -> None:
         t_full = timed(lambda: rmtkd.spikes(c, n, solver="full"), device, args.repeats)
         t_rand = timed(lambda: rmtkd.spikes(c, n, solver="randomized"), device, args.repeats)
         fit = rmtkd.spikes(c, n, solver="randomized")
+        # Share of the solver's time spent in the products C @ Z (cuBLAS GEMM, reads C once
+        # per block): what a custom kernel could speed up.
+        z = torch.randn(d, 16, device=device)
+        t_prod = timed(lambda: [c @ z for _ in range(20)], device, args.repeats) / 20
+        prod_share = t_prod * fit.info["matvecs"] / 16 / t_rand if "matvecs" in fit.info else None
         ref_vals, ref_vecs = torch.linalg.eigh(c.double())
         ref_vals, ref_vecs = ref_vals.flip(0)[: fit.k], ref_vecs.flip(1)[:, : fit.k]
         full = rmtkd.spikes(c.double(), n, solver="full")
@@ -80,7 +85,8 @@ def main() -> None:
                             eigh_s=t_eigh, eigh_plus_estimator_s=t_full, randomized_s=t_rand,
                             speedup_vs_eigh_plus_estimator=t_full / t_rand,
                             speedup_vs_eigh=t_eigh / t_rand, eig_rel_err=eig_err,
-                            sin_angle=sin, info=fit.info))
+                            sin_angle=sin, info=fit.info, product_s=t_prod,
+                            product_share=prod_share))
         del c
     print_table(["d", "planted", "k rand", "k full", "eigh s", "eigh+est s", "randomized s",
                  "speedup", "eig rel err", "sin angle"], rows)

@@ -98,14 +98,16 @@ def block_krylov_top(
         znext, r = _orthonormalise(wl, q, gen, h)
         if last_rr == 0 or m - last_rr >= max(b, m // 8) or m + b > max_basis:
             last_rr = m
-            theta, y = torch.linalg.eigh(0.5 * (t + t.T))
+            # The small projected problem is solved on the host in fp64: the convergence
+            # check needs its values there anyway, and small eigh calls on a GPU are slow.
+            theta, y = torch.linalg.eigh(0.5 * (t + t.T).cpu())
             theta, y = theta.flip(0), y.flip(1)
-            vals = theta.cpu().numpy()
+            vals = theta.numpy()
             thr = float(threshold_of(vals))
             k = int(np.count_nonzero(vals > thr))
             if k < m:
-                res = torch.linalg.vector_norm(r.double() @ y[m - zl.shape[1]:, : k + 1],
-                                               dim=0).cpu().numpy()
+                res = torch.linalg.vector_norm(r.double().cpu() @ y[m - zl.shape[1]:, : k + 1],
+                                               dim=0).numpy()
                 ok = res <= np.maximum(tol * np.abs(vals[: k + 1]), floor)
                 # The first value below the threshold must be known to be below it:
                 # converged, or nearly (to sqrt(tol): it sits in the dense bulk, where Ritz
@@ -115,8 +117,10 @@ def block_krylov_top(
                 below = bool(ok[k]) or (res[k] <= np.sqrt(tol) * abs(vals[k])
                                         and vals[k] + res[k] < thr)
                 if bool(ok[:k].all()) and below:
-                    return KrylovResult(vals, q @ y[:, :k].to(dtype), k, thr, m, matvecs, True)
+                    return KrylovResult(vals, q @ y[:, :k].to(dev, dtype), k, thr, m, matvecs,
+                                        True)
             if m + b > max_basis:
-                return KrylovResult(vals, q @ y[:, :k].to(dtype), k, thr, m, matvecs, False)
+                return KrylovResult(vals, q @ y[:, :k].to(dev, dtype), k, thr, m, matvecs,
+                                    False)
         q = torch.cat([q, znext], 1)
         zl = znext
