@@ -113,3 +113,24 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def gpu_info() -> dict[str, Any]:
+    """GPU name, capability, SM count and memory, CUDA and Triton versions ({} without CUDA;
+    Triton's version is reported if it is installed)."""
+    import importlib.util
+
+    import torch
+
+    info: dict[str, Any] = {}
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        info["triton"] = triton.__version__
+        info["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(gpu_name=p.name, gpu_capability=f"{p.major}.{p.minor}",
+                    gpu_sm_count=p.multi_processor_count,
+                    gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info

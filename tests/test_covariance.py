@@ -338,7 +338,7 @@ def test_merge_rejects_mismatch() -> None:
         CovarianceAccumulator(3).merge(object())
 
 
-def test_constructor_checks_and_backend() -> None:
+def test_constructor_checks_and_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in (0, -1):
         with pytest.raises(ValueError, match="dim must be >= 1"):
             CovarianceAccumulator(bad)
@@ -346,8 +346,12 @@ def test_constructor_checks_and_backend() -> None:
         CovarianceAccumulator(3, acc_dtype=torch.float16)
     assert CovarianceAccumulator(3).backend == "torch"
     assert CovarianceAccumulator(3, backend="torch").backend == "torch"
-    with pytest.raises(RuntimeError, match="triton.*not implemented for covariance"):
-        CovarianceAccumulator(3, backend="triton")
+    with pytest.raises(RuntimeError, match="cuda.*not implemented for covariance"):
+        CovarianceAccumulator(3, backend="cuda")
+    # Triton on CPU tensors only runs in its interpreter; otherwise a clear error.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        CovarianceAccumulator(3, backend="triton", device="cpu")
     with pytest.raises(ValueError, match="unknown backend"):
         CovarianceAccumulator(3, backend="fast")
 

@@ -19,6 +19,14 @@ column sums; for large products only its upper triangle is formed (scipy's BLAS 
 few-core machines, torch GEMMs on column blocks otherwise, see ``_cpu_method``), for small
 ones it is a single torch GEMM. On other devices it uses plain torch matmuls. fp32 products
 always run in full precision (never TF32).
+
+``triton`` (float32 accumulation only): one kernel launch per batch (``rmtkd.kernels.
+covariance.shifted_gram``) forms the upper tiles of the shifted Gram matrix and the column
+sums, reading the row mask in the same pass instead of gathering the kept rows. fp16/bf16
+rows are centred in fp32 and rounded back to their dtype for the tensor-core product; the
+accumulator picks shifts for which that rounding is exact (see ``_shifted_gram_triton``), so
+the result is as accurate as the torch path's. It runs on CUDA tensors, or on CPU tensors
+under ``TRITON_INTERPRET=1`` (tests). Both backends share the merge path below.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 from scipy.linalg import blas as _blas
 
-from ._dispatch import register_backend, resolve_backend
+from ._dispatch import register_backend, resolve_backend, triton_runnable
 
 __all__ = ["CovarianceAccumulator", "CovarianceStats", "NonFiniteInputError", "merge_moments"]
 
@@ -239,6 +247,34 @@ def _torch_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, st
 register_backend("covariance", "torch", _torch_available)
 
 
+def _triton_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    if dtype != torch.float32:
+        return False, (f"the Triton covariance kernel accumulates in float32 only, got "
+                       f"acc_dtype={dtype}; use backend='torch' for float64 accumulation")
+    return triton_runnable(device)
+
+
+# backend="auto" resolves to Triton for CUDA tensors with float32 accumulation (never for CPU
+# tensors), and then runs the Triton kernel for fp16/bf16 batches only: fp32/fp64 batches take
+# the torch path (_AUTO_TRITON_DTYPES). Measured (bench/bench_covariance.py, n = 65536,
+# NVIDIA H200, Triton 3.6, torch 2.11): bf16 d = 4096 kernel 7.3 ms, update 8.0 ms, while the
+# torch backend upcasts to fp32 and runs a TF32-free fp32 GEMM of twice the flops (41.6 ms for
+# the GEMM alone); fp32 d = 4096: Triton "ieee" kernel 66 ms vs that GEMM 41.6 ms, so torch.
+# (Against a bare bf16 torch.mm with fp32 output, which the accumulator cannot use because it
+# does not centre, the kernel is 0.39-0.61x; see the bench JSON.) backend="triton" given by
+# name runs the kernel for every input dtype.
+register_backend("covariance", "triton", _triton_available)
+_AUTO_TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels() -> Any:
+    """``rmtkd.kernels.covariance``, imported on first use (importing it imports Triton)."""
+    from ..kernels import covariance as kernels_covariance
+
+    return kernels_covariance
+
+
 class CovarianceAccumulator:
     """Streaming mean and covariance of rows of width ``dim``, in constant memory.
 
@@ -269,6 +305,10 @@ class CovarianceAccumulator:
         self.dim = dim
         self.acc_dtype = acc_dtype
         self._requested_backend = backend
+        req = (backend or "auto").strip().lower()
+        if req == "auto":
+            req = os.environ.get("RMTKD_BACKEND", "auto").strip().lower()
+        self._auto = req == "auto"  # auto-chosen Triton runs only _AUTO_TRITON_DTYPES
         self._device_fixed = device is not None
         self._set_device(torch.device(device) if device is not None else torch.device("cpu"))
         self._n = 0
@@ -277,8 +317,16 @@ class CovarianceAccumulator:
         self._workspace: torch.Tensor | None = None
 
     def _set_device(self, device: torch.device) -> None:
-        self.backend = resolve_backend("covariance", self._requested_backend, device,
-                                       self.acc_dtype)
+        try:
+            self.backend = resolve_backend("covariance", self._requested_backend, device,
+                                           self.acc_dtype)
+        except RuntimeError:
+            # No device given yet: a GPU backend asked for by name is checked against CUDA
+            # (the state adopts the device of the first batch, and is checked again then).
+            if self._device_fixed or not torch.cuda.is_available():
+                raise
+            self.backend = resolve_backend("covariance", self._requested_backend,
+                                           torch.device("cuda"), self.acc_dtype)
         self.device = device
 
     def _adopt_device(self, device: torch.device) -> None:
@@ -286,8 +334,9 @@ class CovarianceAccumulator:
         if self._device_fixed:
             return
         self._device_fixed = True
-        if device != self.device:
-            self._set_device(device)
+        moved = device != self.device
+        self._set_device(device)  # (re)check the backend against the adopted device
+        if moved:
             self._mean = self._mean.to(device)
             self._m2 = self._m2.to(device)
 
@@ -300,8 +349,11 @@ class CovarianceAccumulator:
         return (f"CovarianceAccumulator(dim={self.dim}, n={self._n}, acc_dtype={self.acc_dtype}, "
                 f"device={self.device}, backend={self.backend!r})")
 
-    def _rows(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Validate a batch and return its selected rows, ``(m, dim)``, on the state device."""
+    def _batch(self, x: torch.Tensor, mask: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Validate a batch; return its rows ``(rows, dim)`` (a view where possible), the
+        flattened bool mask ``(rows,)`` or None, and the number of selected rows. Both
+        tensors are on the state device, adopted from the batch if it has selected rows."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape [..., {self.dim}], "
                             f"got {type(x).__name__}")
@@ -320,10 +372,13 @@ class CovarianceAccumulator:
             if mask.shape != x.shape[:-1]:
                 raise ValueError(f"mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, "
                                  f"got {tuple(mask.shape)}")
-            x2d = x2d[mask.reshape(-1).to(x2d.device)]
-        if x2d.shape[0] > 0:
+            keep = mask.reshape(-1).to(x2d.device)
+            m = int(torch.count_nonzero(keep))
+        else:
+            keep, m = None, x2d.shape[0]
+        if m > 0:
             self._adopt_device(x2d.device)
-        return x2d.to(self.device)
+        return x2d.to(self.device), None if keep is None else keep.to(self.device), m
 
     def _cpu_workspace(self, m: int) -> torch.Tensor:
         """A ``(rows, dim + 1)`` acc-dtype buffer, last column ones, for ``m`` rows split into
@@ -336,6 +391,46 @@ class CovarianceAccumulator:
             ws[:, self.dim] = 1
             self._workspace = ws
         return ws[:rows]
+
+    def _shifted_gram_triton(self, x2d: torch.Tensor, keep: torch.Tensor | None, m: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shifted Gram matrix (upper triangle valid), column sums of the kept rows and the
+        shift used, ``(G, s, shift)``, from one Triton launch that reads the mask itself.
+
+        The shift is the running mean (the first batch's own mean), except for fp16/bf16 rows,
+        which the kernel centres in fp32 and rounds back to their dtype for the tensor-core
+        product. There each column's shift is chosen so that this rounding is exact: 0 where
+        ``|mean| < 8 std`` (then ``x - 0`` is ``x``; the cancellation in ``G - s s^T / m``
+        costs at most a factor ``1 + 64`` on fp32 rounding errors, ~1e-6), else the mean
+        rounded to the input dtype (then ``x - shift`` is exact for every ``x`` within a
+        factor 2 of it, Sterbenz' lemma: all rows within ~4 std of the mean, and the shift is
+        within ``u |mean|`` of the mean, ``u`` = 2^-11 fp16 / 2^-8 bf16). The products are
+        then as exact as with fp32 rows and fp32 accumulation. float64 rows are centred in
+        float64 by torch first (the kernel reads fp32/fp16/bf16).
+        """
+        acc = self.acc_dtype
+        first = None
+        if self._n > 0:
+            shift = self._mean.to(acc)
+        else:
+            first = x2d if keep is None else x2d[keep]
+            shift = first.mean(0, dtype=acc)
+        kshift = shift
+        if x2d.dtype == torch.float64:
+            x2d = (x2d - shift.double()).float()
+            kshift = torch.zeros_like(shift)
+        elif x2d.dtype in (torch.float16, torch.bfloat16):
+            if first is None:
+                var = self._m2.diagonal().clamp_min(0) / self._n
+            else:
+                var = (first.to(acc) - shift).square_().mean(0)
+            top = torch.finfo(x2d.dtype).max
+            rounded = shift.clamp(-top, top).to(x2d.dtype).to(acc)
+            shift = kshift = torch.where(shift.square() < 64 * var, torch.zeros_like(shift),
+                                         rounded)
+        g, s, _ = _triton_kernels().shifted_gram(x2d, kshift, keep, rows_used=m,
+                                                 shift_exact=True)  # (ignored for fp32)
+        return g, s, shift
 
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> "CovarianceAccumulator":
         """Add the rows of a batch.
@@ -352,18 +447,21 @@ class CovarianceAccumulator:
         Raises:
             NonFiniteInputError: the batch holds NaN/Inf (the state is unchanged).
         """
-        x2d = self._rows(x, mask)
-        m = x2d.shape[0]
+        x2d, keep, m = self._batch(x, mask)
         if m == 0:
             return self
         acc = self.acc_dtype
-        shift = self._mean.to(acc) if self._n > 0 else x2d.mean(0, dtype=acc)
-        # Only the torch backend exists so far: see _cpu_method on CPU, plain matmuls elsewhere.
-        if self.device.type == "cpu":
-            ws = self._cpu_workspace(m)
-            g, s = _shifted_gram_cpu(x2d, shift, ws, _cpu_method(ws.shape[0], self.dim))
-        else:
-            g, s = _shifted_gram_matmul(x2d, shift)
+        if self.backend == "triton" and (not self._auto or x2d.dtype in _AUTO_TRITON_DTYPES):
+            g, s, shift = self._shifted_gram_triton(x2d, keep, m)
+        else:  # torch: see _cpu_method on CPU, plain matmuls elsewhere
+            if keep is not None:
+                x2d = x2d[keep]
+            shift = self._mean.to(acc) if self._n > 0 else x2d.mean(0, dtype=acc)
+            if self.device.type == "cpu":
+                ws = self._cpu_workspace(m)
+                g, s = _shifted_gram_cpu(x2d, shift, ws, _cpu_method(ws.shape[0], self.dim))
+            else:
+                g, s = _shifted_gram_matmul(x2d, shift)
         # Any NaN/Inf in the batch reaches the column sums; an overflowing square, the diagonal.
         if not bool(torch.isfinite(s).all() & torch.isfinite(g.diagonal()).all()):
             raise NonFiniteInputError(
