@@ -57,10 +57,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", nargs="+", metavar="D:K", help="e.g. 8192:64 (default: "
+                    "8192 with 16, 64 and 256 spikes)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
-    cases = [(256, 8)] if args.quick else [(8192, 16), (8192, 64), (8192, 256)]
+    cases = ([tuple(int(v) for v in c.split(":")) for c in args.cases] if args.cases else
+             [(256, 8)] if args.quick else [(8192, 16), (8192, 64), (8192, 256)])
     rows, records = [], []
     for d, k in cases:
         c, n = planted_cov(d, k, device)
