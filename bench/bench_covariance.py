@@ -207,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         path = write_json("covariance_gpu" if CUDA else "covariance_gpu_smoke",
                           {"bench": "covariance_gpu", "machine": machine_info(),
                            "gpu": gpu_info(), "quick": args.quick, "peak": peak,
-                           "flops_formula": "n*d*(d+1)", "rows": rows}, args.out_dir)
+                           "flops_formula": "n*d*(d+1)", "rows": rows,
+                           "summary": [dict(shape=f"{r['dtype']} n={r['n']} d={r['d']}",
+                                            rmtkd_s=r["update_s"], baseline_s=r["baseline_s"],
+                                            note=f"kernel alone {r['speedup_kernel']:.2f}x, "
+                                                 f"{r['frac_of_bf16_peak']:.0%} of bf16 peak")
+                                       for r in rows]}, args.out_dir)
         print(f"wrote {path}")
     return 0
 

@@ -244,6 +244,12 @@ def test_autocast_casts_operands():
 
 def test_dispatch(monkeypatch):
     assert resolve_backend("projected_linear", "auto", "cpu") == "torch"
+    # The GPU bench found the fused kernels slower than two GEMMs: auto never picks triton.
+    from rmtkd.ops._dispatch import _AUTO
+    assert ("projected_linear", "triton") not in _AUTO
+    assert choose_variant(1, 64) == "gemm"
+    monkeypatch.setattr(pl_mod, "FUSED_MAX_TOKENS", 64)
+    monkeypatch.setattr(pl_mod, "SPLIT_RANK_MAX_TOKENS", 16)
     assert choose_variant(1, 300) == "gemm"               # rank above FUSED_MAX_RANK
     assert choose_variant(pl_mod.FUSED_MAX_TOKENS + 1, 64) == "gemm"
     assert choose_variant(1, 64) == "split_rank"
@@ -374,7 +380,8 @@ def test_fused_backward_only_requested_grads(kp, needs, variant):
 
 
 @_apply(interpreter)
-def test_module_triton_backend_matches_torch_and_trains(kp):
+def test_module_triton_backend_matches_torch_and_trains(kp, monkeypatch):
+    monkeypatch.setattr(pl_mod, "FUSED_MAX_TOKENS", 64)   # route 6 rows to a fused kernel
     torch.manual_seed(0)
     layer = ProjectedLinear(33, 40, 5, backend="triton", device=DEVICE)
     twin = ProjectedLinear(33, 40, 5, backend="torch", device=DEVICE)

@@ -17,15 +17,26 @@ BACKENDS = ("torch", "triton", "cuda")
 
 # op -> backend -> predicate(device, dtype) -> (ok, reason-if-not)
 _REGISTRY: dict[str, dict[str, Callable[[torch.device, torch.dtype], tuple[bool, str]]]] = {}
+# (op, backend) pairs that "auto" may pick: those the op's GPU benchmark shows faster.
+_AUTO: set[tuple[str, str]] = set()
 
 
 def register_backend(
-    op: str, backend: str, available: Callable[[torch.device, torch.dtype], tuple[bool, str]]
+    op: str, backend: str, available: Callable[[torch.device, torch.dtype], tuple[bool, str]],
+    *, auto: bool = True,
 ) -> None:
-    """Declare that ``backend`` implements ``op``; ``available`` says whether it can run."""
+    """Declare that ``backend`` implements ``op``; ``available`` says whether it can run.
+
+    auto: whether ``backend="auto"`` may choose it (False where the benchmark shows torch
+    faster: the backend then runs only when asked for by name).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _REGISTRY.setdefault(op, {})[backend] = available
+    if auto:
+        _AUTO.add((op, backend))
+    else:
+        _AUTO.discard((op, backend))
 
 
 def _always(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -63,7 +74,8 @@ def resolve_backend(op: str, requested: str | None, device: torch.device | str |
         # an op whose GPU kernels lose to torch at some shapes leaves them unregistered or
         # declines in its predicate, as its benchmark decides.
         for name in ("cuda", "triton"):
-            if dev.type == "cuda" and name in impls and impls[name](dev, dtype)[0]:
+            if (dev.type == "cuda" and name in impls and (op, name) in _AUTO
+                    and impls[name](dev, dtype)[0]):
                 return name
         return "torch"
     if req not in BACKENDS:

@@ -21,8 +21,8 @@ Backends:
   Where the fused kernel does not pay (rank above ``FUSED_MAX_RANK``, or more rows than
   ``FUSED_MAX_TOKENS``), the triton backend runs the same two GEMMs as the torch backend.
 
-``auto`` picks ``triton`` for CUDA tensors in fp32/fp16/bf16 when Triton is installed, else
-``torch``; ``RMTKD_BACKEND`` sets the process default (see ``rmtkd.ops._dispatch``).
+``auto`` picks ``torch`` (measured faster on the GPU, see the constants below); ``triton``
+runs when asked for by name or through ``RMTKD_BACKEND`` (see ``rmtkd.ops._dispatch``).
 """
 from __future__ import annotations
 
@@ -36,17 +36,21 @@ from ._dispatch import _always, register_backend, resolve_backend, triton_runnab
 __all__ = ["projected_linear", "projected_linear_triton", "choose_variant",
            "FUSED_MAX_RANK", "FUSED_MAX_TOKENS", "SPLIT_RANK_MAX_TOKENS"]
 
-# --- dispatch thresholds (set from bench/bench_projected_linear.py on the GPU) -------------
+# --- dispatch (set from bench/bench_projected_linear.py on the GPU) ------------------------
+# Measured on an H200 (bench/results/projected_linear_gpu-vm-20261128T032017Z.json, bf16,
+# d_in = d_out = 4096, k = 256): both fused kernels run at 0.03x-0.35x of two cuBLAS matmuls
+# at every token count from 1 to 4096, so "auto" never picks the triton backend, and the
+# triton backend itself runs the fused kernels only when a variant is forced (tests, bench).
 # The fused kernel keeps a (rows x k) tile of t = x @ V on chip; above this rank it does not
 # fit and the triton backend runs two GEMMs.
 FUSED_MAX_RANK = 256
 # Rows (tokens, the product of x's leading dims) above which the triton backend runs two
 # GEMMs instead of the fused kernel: the fused kernel recomputes or re-reads t per output
-# tile, which only pays in the small-M (decode) regime. Placeholder until the GPU bench.
-FUSED_MAX_TOKENS = 64
+# tile, which could only pay in the small-M (decode) regime; measured: it does not.
+FUSED_MAX_TOKENS = 0
 # Rows at or below which the fused forward uses the split-rank variant (V spread over the
-# whole GPU, fp32 atomics) rather than the output-tile variant. Placeholder until the bench.
-SPLIT_RANK_MAX_TOKENS = 16
+# whole GPU, fp32 atomics) rather than the output-tile variant.
+SPLIT_RANK_MAX_TOKENS = 0
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TORCH_DTYPES = _TRITON_DTYPES + (torch.float64,)
@@ -59,7 +63,7 @@ def _triton_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, s
 
 
 register_backend("projected_linear", "torch", _always)
-register_backend("projected_linear", "triton", _triton_available)
+register_backend("projected_linear", "triton", _triton_available, auto=False)
 
 _RESOLVED: dict[tuple, str] = {}
 
