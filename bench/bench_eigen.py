@@ -90,7 +90,6 @@ def main() -> None:
                             speedup_vs_eigh=t_eigh / t_rand, eig_rel_err=eig_err,
                             sin_angle=sin, info=fit.info, product_s=t_prod,
                             product_share=prod_share))
-        del c
     print_table(["d", "planted", "k rand", "k full", "eigh s", "eigh+est s", "randomized s",
                  "speedup", "eig rel err", "sin angle"], rows)
     summary = [dict(shape=f"d={r['d']} k={r['planted']}", rmtkd_s=r["randomized_s"],

@@ -69,6 +69,28 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU (the interpreter accepts less)
 
 
+@triton.jit
+def _x_times_v(x_ptr, v_ptr, rows, mask_m, offs_r, mask_r, D_IN, stride_xm, stride_xk,
+               stride_vk, stride_vr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """t = x[rows] @ V[:, offs_r] (BLOCK_M x BLOCK_R), fp32 accumulator on chip, rounded to
+    the input dtype as the torch reference rounds x @ V."""
+    offs_kb = tl.arange(0, BLOCK_K)
+    acc_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        offs_k = k0 + offs_kb
+        mask_k = offs_k < D_IN
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        vt = tl.load(v_ptr + offs_k[:, None].to(tl.int64) * stride_vk + offs_r[None, :] * stride_vr,
+                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if IEEE:  # fp32 operands: full-precision products, never TF32
+            acc_t = tl.dot(xt, vt, acc_t, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc_t = tl.dot(xt, vt, acc_t, out_dtype=tl.float32)
+    return acc_t.to(x_ptr.dtype.element_ty)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _pl_tile_kernel(
     x_ptr, v_ptr, w_ptr, b_ptr, y_ptr, t_ptr,
@@ -85,22 +107,10 @@ def _pl_tile_kernel(
     mask_m = offs_m < M
     offs_r = tl.arange(0, K_PAD)
     mask_r = offs_r < RANK
-    offs_kb = tl.arange(0, BLOCK_K)
 
-    # t = x_tile @ V, fp32 accumulator on chip (BLOCK_M x K_PAD)
-    acc_t = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
-    for k0 in range(0, D_IN, BLOCK_K):
-        offs_k = k0 + offs_kb
-        mask_k = offs_k < D_IN
-        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        vt = tl.load(v_ptr + offs_k[:, None].to(tl.int64) * stride_vk + offs_r[None, :] * stride_vr,
-                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if IEEE:  # fp32 operands: full-precision products, never TF32
-            acc_t = tl.dot(xt, vt, acc_t, input_precision="ieee", out_dtype=tl.float32)
-        else:
-            acc_t = tl.dot(xt, vt, acc_t, out_dtype=tl.float32)
-    t = acc_t.to(x_ptr.dtype.element_ty)  # the reference rounds x @ V to the input dtype
+    # t = x_tile @ V, kept on chip (BLOCK_M x K_PAD)
+    t = _x_times_v(x_ptr, v_ptr, rows, mask_m, offs_r, mask_r, D_IN, stride_xm, stride_xk,
+                   stride_vk, stride_vr, IEEE, BLOCK_M, BLOCK_K, K_PAD)
     if STORE_T:
         if pid_n == 0:  # one program per row block writes t
             tl.store(t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr, t,
@@ -139,22 +149,10 @@ def _pl_split_rank_kernel(
     mask_m = offs_m < M
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < RANK
-    offs_kb = tl.arange(0, BLOCK_K)
 
-    # t_r = x_tile @ V[:, r-chunk], fp32 accumulator on chip (BLOCK_M x BLOCK_R)
-    acc_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, D_IN, BLOCK_K):
-        offs_k = k0 + offs_kb
-        mask_k = offs_k < D_IN
-        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        vt = tl.load(v_ptr + offs_k[:, None].to(tl.int64) * stride_vk + offs_r[None, :] * stride_vr,
-                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if IEEE:  # fp32 operands: full-precision products, never TF32
-            acc_t = tl.dot(xt, vt, acc_t, input_precision="ieee", out_dtype=tl.float32)
-        else:
-            acc_t = tl.dot(xt, vt, acc_t, out_dtype=tl.float32)
-    t = acc_t.to(x_ptr.dtype.element_ty)
+    # t_r = x_tile @ V[:, r-chunk], kept on chip (BLOCK_M x BLOCK_R)
+    t = _x_times_v(x_ptr, v_ptr, rows, mask_m, offs_r, mask_r, D_IN, stride_xm, stride_xk,
+                   stride_vk, stride_vr, IEEE, BLOCK_M, BLOCK_K, BLOCK_R)
     if STORE_T:
         if pid_g == 0:  # one program per (row block, rank chunk) writes its part of t
             tl.store(t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr, t,

@@ -25,7 +25,6 @@ shift is a perturbed mean (not exactly the mean, so the column sums are not ~0).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -35,22 +34,8 @@ import torch
 
 from rmtkd.ops.covariance import CovarianceAccumulator, NonFiniteInputError
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-CAN_RUN = HAS_TRITON and (HAS_CUDA or INTERPRETING)
-# Under the interpreter the kernel reads CPU tensors; otherwise it needs CUDA tensors.
-DEVICE = torch.device("cpu") if INTERPRETING or not HAS_CUDA else torch.device("cuda")
+from kernel_env import DEVICE, FP32_TOL, HAS_TRITON, U, gpu, interpreter
 
-interpreter = [pytest.mark.interpreter,
-               pytest.mark.skipif(not CAN_RUN, reason="needs Triton and CUDA or "
-                                  "TRITON_INTERPRET=1")]
-gpu = [pytest.mark.gpu,
-       pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA and not INTERPRETING),
-                          reason="needs a CUDA device and Triton (not the interpreter)")]
-
-U = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-FP32_TOL = 1e-5
 NS = [1, 7, 130]
 DS = [3, 33, 96]
 SMALL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda"

@@ -17,7 +17,6 @@ fp16, 2^-8 for bf16), and below 4u.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -32,21 +31,7 @@ from rmtkd.ops import resolve_backend
 from rmtkd.ops.projected_linear import (choose_variant, projected_linear,
                                         projected_linear_triton)
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-CAN_RUN = HAS_TRITON and (HAS_CUDA or INTERPRETING)
-DEVICE = torch.device("cpu") if INTERPRETING or not HAS_CUDA else torch.device("cuda")
-
-interpreter = [pytest.mark.interpreter,
-               pytest.mark.skipif(not CAN_RUN, reason="needs Triton and CUDA or "
-                                  "TRITON_INTERPRET=1")]
-gpu = [pytest.mark.gpu,
-       pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA and not INTERPRETING),
-                          reason="needs a CUDA device and Triton (not the interpreter)")]
-
-U = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-FP32_TOL = 1e-5
+from kernel_env import DEVICE, FP32_TOL, U, gpu, interpreter
 VARIANTS = ["tile", "split_rank"]
 # (n, d_in, d_out, k): every value of n in {1, 7, 130}, d_in in {3, 33, 96}, d_out in
 # {5, 40}, k in {1, 5, 17} appears at least twice, with the bias on and off.
