@@ -1,0 +1,178 @@
+"""Reduction records and the helpers shared by the MLP and CNN surgery.
+
+A :class:`Reduction` says how to shrink one site (the input of a consumer module): keep the
+``k`` spike directions ``basis`` (d x k, orthonormal columns) of its activations, whose mean
+is ``mean`` (d,). :func:`rmtkd.reduce.reduce_site` applies it and returns a
+:class:`ReductionResult`.
+
+Both modes rely on the affine model ``x ~= mean + U U^T (x - mean)`` of the site's
+activation ``x``; a consumer with weight ``W`` then sees ``W U (U^T x) + W r`` with the
+residual mean ``r = (I - U U^T) mean``, which goes into its bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+MODES = ("width", "project")
+
+SUPPORTED = (
+    "mode='project': consumer nn.Linear (-> rmtkd.nn.ProjectedLinear) or nn.Conv2d with "
+    "groups=1 (-> nn.Sequential(1x1 projection conv, resized conv)); "
+    "mode='width': nn.Linear -> [elementwise activation / Dropout]* -> nn.Linear inside "
+    "(nested) nn.Sequential containers or a block holding them as attributes, and "
+    "nn.Conv2d -> [nn.BatchNorm2d] -> [elementwise activation]* -> nn.Conv2d (groups=1) "
+    "as in ResNet basic and bottleneck blocks")
+
+# Elementwise (shape-agnostic) modules that may sit between producer and consumer.
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardswish,
+               nn.Hardsigmoid, nn.Hardtanh)
+PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+# Normalisations over all features: width mode cannot cut through them.
+FEATURE_NORMS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None))
+                      if t is not None)
+
+
+class UnsupportedModuleError(ValueError):
+    """The site's consumer (or the modules around it) is not a supported reduction pattern."""
+
+
+@dataclass
+class Reduction:
+    """One site's reduction.
+
+    Attributes:
+        site: the :class:`rmtkd.capture.Site` name, e.g. ``"net.fc2:input"``.
+        module_name: the consumer module's name in ``model.named_modules()`` (the site is
+            its input).
+        mode: ``"width"`` (cut the producer's outputs and the consumer's inputs to k) or
+            ``"project"`` (replace the consumer by a rank-k projection of its input).
+        d: features at the site (Linear ``in_features``, Conv2d ``in_channels``).
+        k: directions kept, ``1 <= k <= d``.
+        basis: (d, k) float tensor with orthonormal columns (the spike directions).
+        mean: (d,) activation mean at the site (per channel for convolutions), or None for
+            no bias correction.
+    """
+
+    site: str
+    module_name: str
+    mode: str
+    d: int
+    k: int
+    basis: torch.Tensor
+    mean: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Reduction {self.site!r}: mode must be one of {MODES}; "
+                             f"got {self.mode!r}")
+        if not 1 <= self.k <= self.d:
+            raise ValueError(f"Reduction {self.site!r}: need 1 <= k <= d; got k={self.k}, "
+                             f"d={self.d}")
+        if tuple(self.basis.shape) != (self.d, self.k):
+            raise ValueError(f"Reduction {self.site!r}: basis must have shape (d, k) = "
+                             f"({self.d}, {self.k}); got {tuple(self.basis.shape)}")
+        if self.mean is not None and tuple(self.mean.shape) != (self.d,):
+            raise ValueError(f"Reduction {self.site!r}: mean must have shape ({self.d},); "
+                             f"got {tuple(self.mean.shape)}")
+
+    @classmethod
+    def from_fit(cls, site: Any, fit: Any, stats: Any = None, mode: str = "width"
+                 ) -> "Reduction":
+        """Build from a ``Site``, its ``SpectrumFit`` (``k``, ``eigenvectors`` d x k) and
+        optionally its ``CovarianceStats`` (for ``mean``)."""
+        if site.where != "input":
+            raise ValueError(f"site {site.name!r}: only input sites can be reduced")
+        if fit.k < 1 or fit.eigenvectors is None:
+            raise ValueError(f"site {site.name!r}: the fit has no spike directions (k={fit.k})")
+        basis = torch.as_tensor(fit.eigenvectors)[:, : fit.k]
+        mean = None if stats is None else torch.as_tensor(stats.mean)
+        return cls(site.name, site.module_name, mode, site.dim, fit.k, basis, mean)
+
+    def to_dict(self) -> dict:
+        """JSON-able record without the tensors."""
+        return {"site": self.site, "module_name": self.module_name, "mode": self.mode,
+                "d": self.d, "k": self.k, "mean_corrected": self.mean is not None}
+
+
+@dataclass
+class ReductionResult:
+    """Outcome of :func:`rmtkd.reduce.reduce_site`; parameter counts are the whole model's."""
+
+    reduction: Reduction
+    applied: bool
+    reason: str
+    params_before: int
+    params_after: int
+
+    def to_dict(self) -> dict:
+        return {**self.reduction.to_dict(), "applied": self.applied, "reason": self.reason,
+                "params_before": self.params_before, "params_after": self.params_after}
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule ``name`` of ``model`` by ``module``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def residual_mean(reduction: Reduction) -> torch.Tensor | None:
+    """``r = (I - U U^T) mean`` in float64, (d,), or None without a mean."""
+    if reduction.mean is None:
+        return None
+    U = reduction.basis.detach().to(torch.float64).cpu()
+    m = reduction.mean.detach().to(torch.float64).cpu()
+    return m - U @ (U.T @ m)
+
+
+def execution_chain(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], bool]:
+    """Modules around ``name`` in (assumed) execution order, and whether that order is sure.
+
+    Inside nn.Sequential containers the order is the execution order: the chain is the
+    flattened outermost Sequential ancestor of ``name`` (nested Sequentials expanded).
+    Otherwise it is the parent's children in registration order (how ResNet blocks and
+    MLP modules declare conv1/bn1/relu/conv2 or fc1/act/fc2), which is only a guess.
+    """
+    parts = name.split(".")
+    depth = len(parts) - 1  # the container is ".".join(parts[:depth])
+    parent = ".".join(parts[:depth])
+    if not isinstance(model.get_submodule(parent), nn.Sequential):
+        return _flatten(parent, model.get_submodule(parent)), False
+    while depth > 0 and isinstance(model.get_submodule(".".join(parts[: depth - 1])),
+                                   nn.Sequential):
+        depth -= 1
+    container = ".".join(parts[:depth])
+    return _flatten(container, model.get_submodule(container)), True
+
+
+def _flatten(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    out: list[tuple[str, nn.Module]] = []
+    for child_name, child in module.named_children():
+        full = f"{prefix}.{child_name}" if prefix else child_name
+        out.extend(_flatten(full, child) if isinstance(child, nn.Sequential)
+                   else [(full, child)])
+    return out
+
+
+def modules_before(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], bool]:
+    """The modules before ``name`` in its :func:`execution_chain`, nearest first."""
+    chain, ordered = execution_chain(model, name)
+    index = [n for n, _ in chain].index(name)
+    return chain[:index][::-1], ordered
+
+
+def check_orthonormal(reduction: Reduction, atol: float = 1e-4) -> None:
+    U = reduction.basis.detach().to(torch.float64)
+    dev = (U.T @ U - torch.eye(reduction.k, dtype=torch.float64, device=U.device)).abs().max()
+    if dev.item() > atol:
+        raise ValueError(f"Reduction {reduction.site!r}: basis columns are not orthonormal "
+                         f"(max |U^T U - I| = {dev.item():.3g}); orthonormalise it first, "
+                         f"e.g. torch.linalg.qr(basis).Q")
