@@ -19,6 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/rmtkd analyze --example digits-mlp --out reports/digits-mlp --force
+	$(BIN)/rmtkd compress --example digits-mlp --out reports/digits-mlp-compress --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -6,11 +6,14 @@ Public API:
     spectral                                 MP law, BBP, Tracy-Widom, estimators, analyze
     capture                                  reduction sites and calibration hooks
     nn.ProjectedLinear                       y = (x V) W^T + b, the projected low-rank layer
+    compress, CompressConfig, CompressionResult   RMT-KD end to end (reduce + self-distil)
 """
 from . import capture, nn, spectral
 from .ops.covariance import CovarianceAccumulator, CovarianceStats
 from .spectral import SpectrumFit, analyze, spikes
+from .compress import CompressConfig, CompressionResult, compress
 
 __version__ = "0.1.0"
 __all__ = ["CovarianceAccumulator", "CovarianceStats", "SpectrumFit", "analyze", "spikes",
-           "spectral", "capture", "nn", "__version__"]
+           "spectral", "capture", "nn", "compress", "CompressConfig", "CompressionResult",
+           "__version__"]

@@ -1,7 +1,8 @@
-"""Command line: ``rmtkd analyze``.
+"""Command line: ``rmtkd analyze`` and ``rmtkd compress``.
 
     rmtkd analyze --example digits-mlp [--out DIR]
     rmtkd analyze --model model.pt --data data.npy [--out DIR] [--sites 'blocks.*.fc2']
+    rmtkd compress --example digits-mlp [--mode width|project] [--out DIR] [--epsilon E]
 
 Errors the user can fix print one line ``rmtkd: error: ...`` to stderr and exit with code 2.
 """
@@ -33,7 +34,7 @@ def _margin(text: str) -> float | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .spectral import ESTIMATORS, SOLVERS
+    from .spectral import ESTIMATORS, SOLVERS  # noqa: F401 (SOLVERS for both commands)
     from .spectral.estimators import DEFAULT_MARGIN
 
     parser = argparse.ArgumentParser(prog="rmtkd", description=(
@@ -70,6 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.add_argument("--seed", type=int, default=0, help="random seed (example training, solver)")
+
+    from .compress import CompressConfig
+
+    c = sub.add_parser("compress", help="compress a model with RMT-KD: reduce each site to its "
+                       "spikes, shallow to deep, with self-distillation after each step",
+                       description="Causal RMT-KD: for each site, calibrate, keep the spike "
+                       "directions above the Marchenko-Pastur edge, cut the layer, distil from "
+                       "the model as it was before the step; a step that costs more than "
+                       "--epsilon accuracy points is rolled back. Writes a report directory.")
+    c.add_argument("--example", metavar="NAME", required=True,
+                   help="a built-in example (teacher trained here, labelled data): digits-mlp "
+                   "(--model/--data jobs come later)")
+    c.add_argument("--mode", default="width", choices=("width", "project"),
+                   help="width: narrower dense layers (the paper's); project: low-rank "
+                   "ProjectedLinear consumers (default: width)")
+    c.add_argument("--out", metavar="DIR", type=Path,
+                   help="report directory (default: reports/<example>-compress)")
+    c.add_argument("--epsilon", type=float, default=CompressConfig.epsilon,
+                   help="largest accuracy drop in points against the original model before "
+                   f"a step is rolled back (default {CompressConfig.epsilon})")
+    c.add_argument("--estimator", default="auto", choices=("auto", *ESTIMATORS),
+                   help="noise-level estimator (default: auto)")
+    c.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN,
+                   help="threshold = lambda_+ (1 + margin), or 'tw' / 'tw:<p>' "
+                   f"(default {DEFAULT_MARGIN!r}; 0 is the paper's plain lambda_+)")
+    c.add_argument("--solver", default="auto", choices=SOLVERS, help="eigen solver")
+    c.add_argument("--quiet", action="store_true", help="no progress bars and no step table")
+    c.add_argument("--force", action="store_true", help="replace an existing report directory")
+    c.add_argument("--seed", type=int, default=0,
+                   help="random seed (example training, calibration subset, distillation)")
     return parser
 
 
@@ -191,12 +222,76 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_compress(args: argparse.Namespace) -> int:
+    from .compress import CompressConfig, compress, format_history, latency_ms
+    from .compress import write_compress_report
+    from .examples import EXAMPLE_DATA, EXAMPLES
+
+    torch.manual_seed(args.seed)
+    if args.example not in EXAMPLE_DATA:
+        raise UsageError(f"unknown example {args.example!r}; available: "
+                         f"{', '.join(EXAMPLE_DATA)}")
+    out = args.out if args.out is not None else Path("reports") / f"{args.example}-compress"
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    quiet = args.quiet
+    model, _, meta = EXAMPLES[args.example](seed=args.seed, progress=not quiet)
+    train, evals = EXAMPLE_DATA[args.example](seed=args.seed)
+    config = CompressConfig(mode=args.mode, estimator=args.estimator, margin=args.margin,
+                            solver=args.solver, epsilon=args.epsilon, seed=args.seed,
+                            progress=not quiet)
+    import time
+
+    t0 = time.perf_counter()
+    result = compress(model, train, eval_data=evals, config=config)
+    seconds = time.perf_counter() - t0
+    example = next(iter(evals))[0][:1]
+    lat_before = latency_ms(model, example)
+    lat_after = latency_ms(result.model, example)
+    summary = {
+        "parameters": f"{result.original_params:,} -> {result.final_params:,} "
+                      f"({100 * result.reduction:.1f}% fewer)",
+        result.metric_name + " (held-out)":
+            f"{result.original_metric:.2f} -> {result.final_metric:.2f} "
+            f"({result.final_metric - result.original_metric:+.2f} points)",
+        "CPU latency, batch 1 (median of 200)":
+            f"{lat_before:.4f} ms -> {lat_after:.4f} ms ({lat_before / lat_after:.2f}x)",
+        "steps": f"{len(result.history)} tried: " + ", ".join(
+            f"{r.site} {r.status}" for r in result.history),
+        "compression time": f"{seconds:.1f} s",
+    }
+    n_calib = next(iter(result.fits.values())).n if result.fits else 0
+    meta["calibration"] = (f"seeded {config.calib_fraction:.0%} subset of the training set "
+                           f"({n_calib} samples), the same at every step")
+    meta["evaluation"] = ("held-out test split; it also decides the epsilon roll-backs "
+                          "(no separate validation split yet)")
+    meta.update(mode=args.mode, estimator=args.estimator, margin=args.margin,
+                solver=args.solver, epsilon=args.epsilon, seed=args.seed,
+                threads=torch.get_num_threads())
+    summary_json = {**summary, "original_params": result.original_params,
+                    "final_params": result.final_params, "reduction": result.reduction,
+                    "original_metric": result.original_metric,
+                    "final_metric": result.final_metric, "latency_ms_before": lat_before,
+                    "latency_ms_after": lat_after, "seconds": seconds}
+    path = write_compress_report(out, result, meta=meta, summary=summary_json,
+                                 force=args.force)
+    if not quiet:
+        print(format_history(result.history))
+        print()
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+    print(f"report: {path / 'index.md'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rmtkd`` console script; returns 0 or exits with code 2."""
     from .capture import CalibrationError
 
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "compress":
+            return _run_compress(args)
         return _run_analyze(args)
     except (UsageError, CalibrationError, ValueError, FileNotFoundError,
             FileExistsError) as e:

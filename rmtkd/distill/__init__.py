@@ -1,4 +1,6 @@
-"""Self-distillation: the losses that recover accuracy after each reduction step."""
+"""Self-distillation: the losses that recover accuracy after each reduction step, and the
+training loop that applies them."""
 from .losses import embedding_loss, kd_loss
+from .trainer import NonFiniteLossError, distill
 
-__all__ = ["kd_loss", "embedding_loss"]
+__all__ = ["kd_loss", "embedding_loss", "distill", "NonFiniteLossError"]

@@ -7,12 +7,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .digits_mlp import (DigitsMLP, accuracy, digits_mlp_example, load_digits_data,
-                         train_digits_mlp)
+from .digits_mlp import (DigitsMLP, accuracy, digits_mlp_data, digits_mlp_example,
+                         load_digits_data, train_digits_mlp)
 
 EXAMPLES: dict[str, Callable[..., tuple[Any, Any, dict[str, Any]]]] = {
     "digits-mlp": digits_mlp_example,
 }
 
-__all__ = ["EXAMPLES", "DigitsMLP", "accuracy", "digits_mlp_example", "load_digits_data",
+# ``EXAMPLE_DATA[name](seed=0) -> (train batches, eval batches)`` of (inputs, labels): the
+# labelled data ``rmtkd compress --example`` distils on and evaluates with.
+EXAMPLE_DATA: dict[str, Callable[..., tuple[Any, Any]]] = {
+    "digits-mlp": digits_mlp_data,
+}
+
+__all__ = ["EXAMPLES", "EXAMPLE_DATA", "DigitsMLP", "accuracy", "digits_mlp_data",
+           "digits_mlp_example", "load_digits_data",
            "train_digits_mlp"]

@@ -110,3 +110,14 @@ def digits_mlp_example(seed: int = 0, progress: bool = True
             "calibration": f"digits training set ({len(Xtr)} samples, batches of 256)",
             **metrics}
     return model, list(Xtr.split(256)), meta
+
+
+def digits_mlp_data(seed: int = 0, batch_size: int = 64
+                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                               list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The example's labelled data for compression: ``(train batches, test batches)``,
+    each a list of ``(float32 [<=batch_size, 64], int64 [<=batch_size])`` pairs, from the
+    same split as :func:`train_digits_mlp` (the test set is held out from training)."""
+    Xtr, ytr, Xte, yte = load_digits_data(seed=seed)
+    pairs = lambda X, y: list(zip(X.split(batch_size), y.split(batch_size)))  # noqa: E731
+    return pairs(Xtr, ytr), pairs(Xte, yte)

@@ -1,0 +1,574 @@
+"""RMT-KD end to end: causal, layer-by-layer reduction with self-distillation.
+
+``compress(model, train_data, eval_data=..., config=CompressConfig(...))`` works on a copy of
+``model`` (the caller's model is not changed). Sites are found once (shallow to deep); for
+each, in order:
+
+1. teacher = a frozen copy of the current model (the model just before this step);
+2. calibrate the current model on a fixed, seeded calibration subset (``calib_fraction``
+   of the training data, or ``calib_data``) and fit the spectrum of the site
+   (:func:`rmtkd.spikes`): k spike directions above the Marchenko-Pastur edge;
+3. stop if k/d < rho_min; reduce (:func:`rmtkd.reduce.reduce_site`; a reduction that
+   would not reduce parameters is recorded as skipped);
+4. self-distil from the teacher (:func:`rmtkd.distill.distill`);
+5. if the metric dropped more than ``epsilon`` points below the original model's, or the
+   loss became NaN/Inf, roll back to the teacher; then ``on_violation`` = "skip" moves on
+   to the next site and "stop" ends the run;
+6. stop once ``params <= param_target * original`` or ``max_steps`` steps were tried.
+
+The metric is accuracy in % (task "classification") or the mean cosine similarity in % of
+the outputs to the original model's outputs (task "embedding"), on ``eval_data`` (the
+training data when None).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import CalibrationError, collect_statistics, find_sites, make_site
+from .capture.sites import _describe, batch_to, model_device
+from .distill.trainer import (TASKS, NonFiniteLossError, batch_labels, distill, model_inputs,
+                              model_output)
+from .reduce import Reduction, UnsupportedModuleError, reduce_site
+from .reduce.plan import MODES, n_params
+from .spectral import SpectrumFit, spikes
+from .spectral.estimators import DEFAULT_MARGIN
+
+ON_VIOLATION = ("skip", "stop")
+DATASET_BATCH_SIZE = 64
+
+
+@dataclass
+class CompressConfig:
+    """Settings of :func:`compress` (defaults follow the paper, see PAPER.md).
+
+    mode: "width" (the paper's: cut producer outputs and consumer inputs to k) or "project"
+    (consumer -> rmtkd.nn.ProjectedLinear / 1x1 projection conv). estimator, margin, solver:
+    of :func:`rmtkd.spikes`. sites: fnmatch globs on module names (None: every hidden
+    Linear/Conv2d input). calib_fraction: share of the training data used to calibrate
+    (seeded, the same subset at every step). task: "classification" or "embedding".
+    alpha, temperature: of kd_loss. lr, warmup_steps, distill_epochs: the distillation
+    after each reduction step. epsilon: largest allowed metric drop (points) against the
+    original model. rho_min: stop when k/d < rho_min. param_target: stop when parameters
+    <= param_target * original. max_steps: most reduction steps tried. on_violation:
+    "skip" or "stop" after a rolled-back step.
+    """
+
+    mode: str = "width"
+    estimator: str = "auto"
+    margin: float | str = DEFAULT_MARGIN
+    solver: str = "auto"
+    sites: list[str] | None = None
+    calib_fraction: float = 0.1
+    task: str = "classification"
+    alpha: float = 0.7
+    temperature: float = 1.0
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    distill_epochs: int = 3
+    epsilon: float = 2.0
+    rho_min: float = 0.0
+    param_target: float | None = None
+    max_steps: int | None = None
+    on_violation: str = "skip"
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.on_violation not in ON_VIOLATION:
+            raise ValueError(f"on_violation must be one of {ON_VIOLATION}, "
+                             f"got {self.on_violation!r}")
+        if not 0.0 < self.calib_fraction <= 1.0:
+            raise ValueError(f"calib_fraction must be in (0, 1], got {self.calib_fraction}")
+        if self.param_target is not None and not 0.0 < self.param_target <= 1.0:
+            raise ValueError(f"param_target must be in (0, 1], got {self.param_target}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.distill_epochs < 0 or self.warmup_steps < 0:
+            raise ValueError("distill_epochs and warmup_steps must be >= 0")
+        if not 0.0 <= self.rho_min <= 1.0:
+            raise ValueError(f"rho_min must be in [0, 1], got {self.rho_min}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StepRecord:
+    """One site's step. metric_reduced: after surgery, before distillation. status:
+    "applied", "skipped" (nothing changed) or "rolled back" (reason says why)."""
+
+    site: str
+    mode: str
+    d: int
+    k: int
+    estimator: str
+    sigma2: float
+    lambda_plus: float
+    threshold: float
+    params_before: int
+    params_after: int
+    metric_before: float
+    metric_reduced: float = math.nan
+    metric_after: float = math.nan
+    seconds: float = 0.0
+    status: str = "skipped"
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class CompressionResult:
+    """Outcome of :func:`compress`: the compressed model (a copy; eval mode), the applied
+    reductions in order, one record per step tried, the spectrum fit of every site
+    analysed (keyed by site name), and the metric / parameter totals."""
+
+    model: nn.Module
+    plan: list[Reduction]
+    history: list[StepRecord]
+    fits: dict[str, SpectrumFit]
+    original_metric: float
+    final_metric: float
+    original_params: int
+    final_params: int
+    metric_name: str = "accuracy (%)"
+    config: CompressConfig = field(default_factory=CompressConfig)
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the parameters removed."""
+        return 1.0 - self.final_params / self.original_params if self.original_params else 0.0
+
+    def summary(self) -> str:
+        applied = sum(r.status == "applied" for r in self.history)
+        rolled = sum(r.status == "rolled back" for r in self.history)
+        return "\n".join([
+            f"parameters: {self.original_params:,} -> {self.final_params:,} "
+            f"({100 * self.reduction:.1f}% fewer)",
+            f"{self.metric_name}: {self.original_metric:.2f} -> {self.final_metric:.2f} "
+            f"({self.final_metric - self.original_metric:+.2f} points)",
+            f"steps: {len(self.history)} tried, {applied} applied, {rolled} rolled back, "
+            f"{len(self.history) - applied - rolled} skipped (mode {self.config.mode})",
+        ])
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "metric": self.metric_name,
+                "original_metric": self.original_metric, "final_metric": self.final_metric,
+                "original_params": self.original_params, "final_params": self.final_params,
+                "reduction": self.reduction, "plan": [r.to_dict() for r in self.plan],
+                "history": [r.to_dict() for r in self.history]}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _Batches:
+    """Re-iterable batches from a DataLoader, a list of batches, an iterator (read once and
+    kept) or a torch Dataset (wrapped in a DataLoader). ``shuffle`` reorders a list's
+    batches (or a Dataset's samples) with a seeded generator, a new order every pass."""
+
+    def __init__(self, data: Any, *, what: str, shuffle: bool = False, seed: int = 0) -> None:
+        from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+        self.gen = torch.Generator().manual_seed(seed)
+        self.shuffle = shuffle
+        if isinstance(data, (torch.Tensor, str, bytes)) or data is None:
+            raise TypeError(f"{what}: expected a DataLoader, a list of (inputs, labels) "
+                            f"batches or a torch Dataset, got {type(data).__name__}")
+        if isinstance(data, Dataset) and not isinstance(data, (list, tuple)):
+            iterable = isinstance(data, IterableDataset)
+            data = DataLoader(data, batch_size=DATASET_BATCH_SIZE,
+                              shuffle=shuffle and not iterable,
+                              generator=self.gen if shuffle and not iterable else None)
+        elif iter(data) is data:   # a generator / iterator: keep its batches
+            data = list(data)
+        self.data = data
+        if hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError(f"{what} is empty: pass at least one batch")
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.shuffle and isinstance(self.data, (list, tuple)):
+            order = torch.randperm(len(self.data), generator=self.gen).tolist()
+            return iter([self.data[i] for i in order])
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def _rows(batch: Any, mask: torch.Tensor) -> Any:
+    """The rows of a batch selected by a bool mask (tensors along dim 0)."""
+    pick = lambda v: v[mask] if isinstance(v, torch.Tensor) and v.dim() > 0 \
+        and v.shape[0] == mask.shape[0] else v  # noqa: E731
+    if isinstance(batch, torch.Tensor):
+        return pick(batch)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(pick(v) for v in batch)
+    if isinstance(batch, Mapping):
+        return {k: pick(v) for k, v in batch.items()}
+    raise TypeError(f"a batch must be a tensor, an (inputs, labels) tuple or a dict, "
+                    f"got {type(batch).__name__}")
+
+
+def _batch_size(batch: Any) -> int:
+    args, kwargs = model_inputs(batch)
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return v.shape[0]
+    raise TypeError(f"cannot find an input tensor in a batch of type {type(batch).__name__}")
+
+
+def calibration_subset(train_data: Any, fraction: float, seed: int = 0) -> list[Any]:
+    """A fixed, seeded ``fraction`` of the training samples, as a list of batches.
+
+    A torch Dataset gives a random subset of ``ceil(fraction * len)`` samples; batches
+    (DataLoader, list) give every batch's rows kept with probability ``fraction`` (at least
+    2 samples overall), read once in the data's own order.
+    """
+    from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+    gen = torch.Generator().manual_seed(seed)
+    if (isinstance(train_data, Dataset) and not isinstance(train_data, IterableDataset)
+            and not isinstance(train_data, (list, tuple))):
+        m = max(2, math.ceil(fraction * len(train_data)))
+        idx = torch.randperm(len(train_data), generator=gen)[:m].sort().values.tolist()
+        return list(DataLoader(Subset(train_data, idx), batch_size=256))
+    out = []
+    for batch in _Batches(train_data, what="train_data"):
+        b = _batch_size(batch)
+        keep = torch.rand(b, generator=gen) < fraction if fraction < 1 else torch.ones(
+            b, dtype=torch.bool)
+        if bool(keep.any()):
+            out.append(_rows(batch, keep))
+    if sum(_batch_size(b) for b in out) < 2:   # tiny data: fall back to the first batches
+        out = list(_Batches(train_data, what="train_data"))
+    return out
+
+
+# --------------------------------------------------------------------------- metric
+
+
+def _expected_input(model: nn.Module) -> str:
+    for _, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            return f"[batch, ..., {m.in_features}] float"
+        if isinstance(m, nn.Conv2d):
+            return f"[batch, {m.in_channels}, H, W] float"
+        if isinstance(m, nn.Embedding):
+            return "[batch, seq] integer token ids"
+    return "what the model's forward takes"
+
+
+def _forward(model: nn.Module, batch: Any, index: int, what: str) -> torch.Tensor:
+    args, kwargs = batch_to(*model_inputs(batch), model_device(model))
+    try:
+        return model_output(model(*args, **kwargs))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise CalibrationError(
+            f"forward pass failed on {what} batch {index} ({_describe(args, kwargs)}); "
+            f"expected inputs of shape {_expected_input(model)}: {e}") from e
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Any], *, task: str = "classification",
+             reference: nn.Module | None = None, what: str = "evaluation") -> float:
+    """Accuracy in % (classification; batches need labels), or for "embedding" the mean
+    cosine similarity in % between ``model``'s and ``reference``'s outputs.
+    NaN when the outputs are not finite."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i, batch in enumerate(batches):
+            out = _forward(model, batch, i, what)
+            if not bool(torch.isfinite(out).all()):
+                return math.nan
+            if task == "classification":
+                labels = batch_labels(batch)
+                if labels is None:
+                    raise ValueError(f"{what} batch {i} has no labels; classification needs "
+                                     f"(inputs, labels) batches")
+                logits = out.reshape(-1, out.shape[-1])
+                labels = labels.reshape(-1).to(logits.device)
+                if labels.shape[0] != logits.shape[0]:
+                    raise ValueError(f"{what} batch {i}: {labels.shape[0]} labels for "
+                                     f"{logits.shape[0]} rows of logits {tuple(out.shape)}; "
+                                     f"expected labels of shape [{logits.shape[0]}]")
+                total += (logits.argmax(-1) == labels).sum().item()
+                count += labels.shape[0]
+            else:
+                ref = _forward(reference, batch, i, what)
+                d = out.shape[-1]
+                cos = nn.functional.cosine_similarity(out.reshape(-1, d).float(),
+                                                      ref.reshape(-1, d).float(), dim=-1)
+                total += cos.sum().item()
+                count += cos.numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError(f"{what} data is empty: pass at least one batch")
+    return 100.0 * total / count
+
+
+# ------------------------------------------------------------------------- compress
+
+
+def _record(site: Any, fit: SpectrumFit, mode: str, params: int, metric: float
+            ) -> StepRecord:
+    return StepRecord(site.name, mode, site.dim, fit.k, fit.estimator, float(fit.sigma2),
+                      float(fit.lambda_plus), float(fit.threshold), params, params, metric)
+
+
+def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
+             calib_data: Any = None, config: CompressConfig | None = None
+             ) -> CompressionResult:
+    """Compress a copy of ``model`` with RMT-KD (see the module docstring for the flow).
+
+    Args:
+        model: a trained network (not modified; its outputs on the data must be logits for
+            task "classification", embeddings for "embedding").
+        train_data: (inputs, labels) batches (DataLoader or list) or a torch Dataset of
+            (input, label) samples; distillation trains on it and, without ``calib_data``,
+            the calibration subset is drawn from it.
+        eval_data: like ``train_data``; the metric is measured on it (default: train_data).
+        calib_data: calibration batches (default: ``calib_fraction`` of train_data).
+        config: a :class:`CompressConfig`.
+
+    Returns:
+        A :class:`CompressionResult`.
+
+    Raises:
+        ValueError: bad config, no sites, missing labels, empty data.
+        CalibrationError: a batch does not fit the model (names the batch and the expected
+            input shape).
+    """
+    cfg = config if config is not None else CompressConfig()
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    original = model
+    model = copy.deepcopy(model).eval()
+    train = _Batches(train_data, what="train_data", shuffle=True, seed=cfg.seed)
+    evals = _Batches(eval_data if eval_data is not None else train_data, what="eval_data")
+    calib = (list(_Batches(calib_data, what="calib_data")) if calib_data is not None
+             else calibration_subset(train_data, cfg.calib_fraction, cfg.seed))
+    if not calib:
+        raise ValueError("the calibration data is empty: pass calib_data or more train_data")
+
+    # Embedding metric: similarity to the original model's outputs (a frozen eval copy).
+    reference = copy.deepcopy(original).eval() if cfg.task == "embedding" else None
+
+    def metric(m: nn.Module) -> float:
+        return evaluate(m, evals, task=cfg.task, reference=reference)
+
+    original_metric = metric(model)
+    original_params = n_params(model)
+    current_metric = original_metric
+    sites = find_sites(model, calib[0], include=cfg.sites)
+    if not sites:
+        raise ValueError("no sites to reduce: the model has no nn.Linear/nn.Conv2d with a "
+                         "hidden input of >= 2 features; name modules with sites=[...]")
+
+    plan: list[Reduction] = []
+    history: list[StepRecord] = []
+    fits: dict[str, SpectrumFit] = {}
+    bar = tqdm(sites, desc="compress", unit="site", disable=not cfg.progress)
+    for step, site0 in enumerate(bar):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+        if (cfg.param_target is not None
+                and n_params(model) <= cfg.param_target * original_params):
+            break
+        t0 = time.perf_counter()
+        site = make_site(site0.module_name, model.get_submodule(site0.module_name))
+        bar.set_postfix_str(site.name)
+        teacher = copy.deepcopy(model).eval()
+        stats = collect_statistics(model, calib, [site], progress=False)[site.name]
+        fit = spikes(stats.cov, stats.n, estimator=cfg.estimator, margin=cfg.margin,
+                     solver=cfg.solver, seed=cfg.seed)
+        fits[site.name] = fit
+        rec = _record(site, fit, cfg.mode, n_params(model), current_metric)
+        history.append(rec)
+
+        def done(status: str, reason: str) -> None:
+            rec.status, rec.reason = status, reason
+            rec.params_after = n_params(model)
+            rec.seconds = time.perf_counter() - t0
+
+        if fit.k / site.dim < cfg.rho_min:
+            done("skipped", f"k/d = {fit.k}/{site.dim} < rho_min = {cfg.rho_min}: stopping")
+            break
+        if fit.k < 1:
+            done("skipped", "no spike above the threshold (k = 0): the site is left as is")
+            continue
+        try:
+            result = reduce_site(model, Reduction.from_fit(site, fit, stats, cfg.mode))
+        except UnsupportedModuleError as e:
+            done("skipped", str(e))
+            continue
+        if not result.applied:
+            done("skipped", result.reason)
+            continue
+        rec.metric_reduced = metric(model)
+        violation = None
+        try:
+            distill(model, teacher, train, task=cfg.task, alpha=cfg.alpha,
+                    temperature=cfg.temperature, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                    epochs=cfg.distill_epochs, progress=cfg.progress,
+                    desc=f"distil {site.module_name}")
+            rec.metric_after = metric(model)
+            if math.isnan(rec.metric_after):
+                violation = "the distilled model's outputs are NaN/Inf"
+            elif original_metric - rec.metric_after > cfg.epsilon:
+                violation = (f"metric {rec.metric_after:.2f} is "
+                             f"{original_metric - rec.metric_after:.2f} points below the "
+                             f"original {original_metric:.2f} (epsilon = {cfg.epsilon})")
+        except NonFiniteLossError as e:
+            violation = f"distillation diverged: {e}"
+        if violation is not None:
+            model = teacher   # the model just before this step
+            done("rolled back", f"{result.reason}; rolled back: {violation}")
+            if cfg.on_violation == "stop":
+                rec.reason += "; stopping (on_violation='stop')"
+                break
+            continue
+        done("applied", result.reason)
+        plan.append(result.reduction)
+        current_metric = rec.metric_after
+    bar.close()
+    model.eval()
+    return CompressionResult(model, plan, history, fits, original_metric, current_metric,
+                             original_params, n_params(model), config=cfg,
+                             metric_name="accuracy (%)" if cfg.task == "classification"
+                             else "cosine similarity to the original (%)")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def latency_ms(model: nn.Module, example: Any, *, passes: int = 200, warmup: int = 20
+               ) -> float:
+    """Median wall time in ms of ``model(example)`` (no gradients, eval mode) over
+    ``passes`` forward passes after ``warmup`` untimed ones."""
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.no_grad():
+            for i in range(warmup + passes):
+                t0 = time.perf_counter()
+                model(example)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+_STEP_COLUMNS = ("site", "d -> k", "estimator", "sigma^2", "lambda_+", "params before",
+                 "params after", "metric before", "after surgery", "after KD", "time (s)",
+                 "status")
+
+
+def _fmt(v: float) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def _step_cells(r: StepRecord) -> list[str]:
+    return [r.site, f"{r.d} -> {r.k}", r.estimator, f"{r.sigma2:.4g}", f"{r.lambda_plus:.4g}",
+            f"{r.params_before:,}", f"{r.params_after:,}", _fmt(r.metric_before),
+            _fmt(r.metric_reduced), _fmt(r.metric_after), f"{r.seconds:.2f}", r.status]
+
+
+def format_history(history: list[StepRecord], markdown: bool = False) -> str:
+    """The per-step table (console, or markdown with ``markdown=True``)."""
+    rows = [list(_STEP_COLUMNS)] + [_step_cells(r) for r in history]
+    if markdown:
+        rows.insert(1, ["---"] * len(_STEP_COLUMNS))
+        return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
+                         for r in rows)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_STEP_COLUMNS))]
+    left = (0, 2, 11)
+    fmt = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)]
+                     + [fmt(r) for r in rows[1:]])
+
+
+def write_compress_report(out_dir: Any, result: CompressionResult, *, meta: dict,
+                          summary: dict, force: bool = False) -> Any:
+    """Write report.json, index.md, one spectrum PNG per step and model.pt (the compressed
+    model's state_dict) into ``out_dir``, atomically (a temporary sibling renamed at the
+    end). Raises FileExistsError when ``out_dir`` exists and ``force`` is False."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .report import _file_names, _json_default, plot_site
+
+    out = Path(out_dir)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace "
+                              f"it, or choose another output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files = _file_names([r.site for r in result.history])
+        for r in result.history:
+            if r.site in result.fits:
+                plot_site(tmp / files[r.site], r.site, result.fits[r.site])
+        history = [{**r.to_dict(), "plot": files[r.site]} for r in result.history]
+        report = {"meta": meta, "summary": summary, **result.to_dict(), "history": history,
+                  "fits": {n: f.to_dict() for n, f in result.fits.items()}}
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+        torch.save(result.model.state_dict(), tmp / "model.pt")
+        lines = ["# RMT-KD compression", ""]
+        lines += [f"- **{k}**: {v}" for k, v in meta.items()]
+        lines += ["", "## Summary", ""]
+        lines += [f"- **{k}**: {v}" for k, v in summary.items() if isinstance(v, str)]
+        lines += ["", "## Steps (shallow to deep)", "",
+                  "metric before = at the start of the step; after surgery = reduced, before "
+                  "distillation; after KD = after self-distillation.", "",
+                  format_history(result.history, markdown=True), ""]
+        lines += [f"- `{r.site}`: {r.reason}" for r in result.history]
+        lines += ["", "`model.pt` holds the compressed model's `state_dict` (torch.save). "
+                  "It loads only into a module built with the compressed widths; a proper "
+                  "save/load path (safetensors + JSON plan, rebuilt without the original "
+                  "code) comes later.", ""]
+        for r in result.history:
+            lines += [f"## {r.site}", "", f"![{r.site}]({files[r.site]})", ""]
+        (tmp / "index.md").write_text("\n".join(lines))
+        os.chmod(tmp, 0o755)
+        if out.exists() or out.is_symlink():
+            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            out.rename(old)
+            tmp.rename(out)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,165 @@
+"""The self-distillation loop run after each reduction step (RMT-KD step 6).
+
+``distill(student, teacher, batches, ...)``: a short warm-up (the learning rate ramps
+linearly from lr / warmup_steps to lr over the first ``warmup_steps`` optimizer steps),
+then the rest of ``epochs`` passes over ``batches`` with Adam on
+
+- task ``"classification"``: ``kd_loss(student_logits, teacher_logits, labels, alpha, T)``;
+- task ``"embedding"``: ``embedding_loss(student_out, teacher_out)`` (no labels needed).
+
+The teacher is frozen (eval mode, no gradients). A non-finite loss, gradient or parameter
+raises :class:`NonFiniteLossError`; the caller (``rmtkd.compress``) rolls the step back.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..capture.sites import batch_to, model_device, split_batch
+from .losses import embedding_loss, kd_loss
+
+TASKS = ("classification", "embedding")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The distillation loss (or the student's parameters) became NaN or Inf."""
+
+
+def batch_labels(batch: Any) -> torch.Tensor | None:
+    """The labels of a batch: element 1 of an ``(inputs, labels, ...)`` tuple/list, the
+    ``"labels"`` (or ``"label"``) entry of a dict, else None."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1],
+                                                                          torch.Tensor):
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in ("labels", "label"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    return None
+
+
+def model_inputs(batch: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` for ``model(*args, **kwargs)``, labels removed from dict batches."""
+    args, kwargs, _ = split_batch(batch)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "label")}
+    return args, kwargs
+
+
+def model_output(out: Any) -> torch.Tensor:
+    """The tensor a loss or metric works on: the output itself, ``.logits``, a dict's
+    ``"logits"``, or element 0 of a tuple/list (e.g. ``last_hidden_state``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        out = list(out.values())
+    elif isinstance(getattr(out, "logits", None), torch.Tensor):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find a tensor in the model output ({type(out).__name__}); "
+                    f"return logits / embeddings as a tensor, a tuple or an object with .logits")
+
+
+def _check_finite(student: nn.Module, what: str) -> None:
+    for name, p in student.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteLossError(f"parameter {name!r} became NaN/Inf {what}")
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Any],
+    *,
+    task: str = "classification",
+    alpha: float = 0.7,
+    temperature: float = 1.0,
+    lr: float = 1e-3,
+    warmup_steps: int = 20,
+    epochs: int = 3,
+    progress: bool = True,
+    desc: str = "distil",
+) -> dict[str, Any]:
+    """Train ``student`` in place to match the frozen ``teacher`` on ``batches``.
+
+    Args:
+        student: the reduced model (trained in train mode; left in eval mode).
+        teacher: the model as it was before the reduction step; only forwarded, under
+            ``torch.no_grad()`` in eval mode.
+        batches: re-iterable batches (one pass per epoch): ``(inputs, labels)`` tuples/lists,
+            input tensors (embedding task, or alpha = 0) or dicts of keyword arguments
+            (``"labels"`` is taken out). Tensors are moved to the student's device.
+        task: ``"classification"`` (kd_loss on logits and labels) or ``"embedding"``.
+        alpha, temperature: of :func:`rmtkd.distill.kd_loss`.
+        lr: Adam's learning rate after warm-up; warmup_steps: optimizer steps of the
+            linear ramp (0: none); epochs: passes over ``batches`` (0: no training).
+
+    Returns:
+        ``{"steps", "epochs", "loss" (mean of the last epoch), "epoch_losses"}``.
+
+    Raises:
+        NonFiniteLossError: the loss, or a parameter after training, is NaN/Inf (the
+            student is then in an undefined state: restore it from a copy).
+        ValueError: unknown task, or a classification batch without labels for alpha > 0.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if epochs < 0 or warmup_steps < 0:
+        raise ValueError(f"epochs and warmup_steps must be >= 0, got {epochs}, {warmup_steps}")
+    params = [p for p in student.parameters() if p.requires_grad]
+    if epochs == 0 or not params:
+        student.eval()
+        return {"steps": 0, "epochs": 0, "loss": math.nan, "epoch_losses": []}
+    teacher.eval()
+    opt = torch.optim.Adam(params, lr=lr)
+    ramp = (lambda s: min(1.0, (s + 1) / warmup_steps)) if warmup_steps else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+    device = model_device(student)
+    step = 0
+    epoch_losses: list[float] = []
+    student.train()
+    try:
+        for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress,
+                          leave=False):
+            total, count = 0.0, 0
+            for i, batch in enumerate(batches):
+                args, kwargs = batch_to(*model_inputs(batch), device)
+                with torch.no_grad():
+                    t_out = model_output(teacher(*args, **kwargs))
+                s_out = model_output(student(*args, **kwargs))
+                if task == "classification":
+                    labels = batch_labels(batch)
+                    if labels is not None:
+                        labels = labels.to(device)
+                    elif alpha > 0:
+                        raise ValueError(
+                            f"training batch {i} has no labels; classification distillation "
+                            f"with alpha={alpha} needs (inputs, labels) batches (or alpha=0)")
+                    loss = kd_loss(s_out, t_out, labels, alpha=alpha, temperature=temperature)
+                else:
+                    loss = embedding_loss(s_out, t_out)
+                if not bool(torch.isfinite(loss)):
+                    raise NonFiniteLossError(
+                        f"NaN/Inf distillation loss ({loss.item()}) at epoch {epoch}, "
+                        f"batch {i} (optimizer step {step}, lr={opt.param_groups[0]['lr']:g})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                total += loss.item()
+                count += 1
+            epoch_losses.append(total / max(count, 1))
+        _check_finite(student, f"after {step} distillation steps")
+    finally:
+        student.eval()
+    return {"steps": step, "epochs": epochs,
+            "loss": epoch_losses[-1] if epoch_losses else math.nan,
+            "epoch_losses": epoch_losses}
