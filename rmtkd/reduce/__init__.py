@@ -3,19 +3,25 @@
 ``reduce_site(model, Reduction(...))`` finds the consumer (``model.get_submodule``) and, in
 width mode, its producer; builds the replacement modules; and installs them only when they
 have fewer parameters than the modules they replace (else the result says why it skipped).
-See :mod:`rmtkd.reduce.mlp` and :mod:`rmtkd.reduce.cnn` for the maths and exactness.
+See :mod:`rmtkd.reduce.mlp`, :mod:`rmtkd.reduce.cnn` and :mod:`rmtkd.reduce.bert` (Hugging
+Face BERT layers, recognised by structure) for the maths and exactness.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from .bert import (BERT_SUPPORTED, HeadPaddedLinear, HeadSelectLinear, apply_bert_widths,
+                   bert_site, head_bases, head_reduction, record_bert_widths,
+                   width_bert_attention, width_bert_ffn)
 from .cnn import project_conv, width_conv
 from .mlp import project_linear, width_linear
 from .plan import (SUPPORTED, Reduction, ReductionResult, UnsupportedModuleError,
                    check_orthonormal, n_params, set_module)
 
 __all__ = ["Reduction", "ReductionResult", "UnsupportedModuleError", "SUPPORTED",
-           "reduce_site", "plan_replacements"]
+           "reduce_site", "plan_replacements", "BERT_SUPPORTED", "HeadPaddedLinear",
+           "HeadSelectLinear", "head_reduction", "head_bases", "record_bert_widths",
+           "apply_bert_widths"]
 
 
 def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Module]:
@@ -27,6 +33,12 @@ def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Mo
             orthonormal.
     """
     name = reduction.module_name
+    bert = bert_site(model, name)  # raises for unsupported modules inside a BERT model
+    if bert is not None and reduction.mode == "width":
+        check_orthonormal(reduction)
+        kind, layer_name = bert
+        return (width_bert_ffn if kind == "ffn" else width_bert_attention)(
+            model, reduction, layer_name)
     consumer = model.get_submodule(name)
     if not isinstance(consumer, (nn.Linear, nn.Conv2d)):
         raise UnsupportedModuleError(
@@ -70,6 +82,7 @@ def reduce_site(model: nn.Module, reduction: Reduction, *, force: bool = False
         return ReductionResult(reduction, False, reason, before, before)
     for n, m in new.items():
         set_module(model, n, m)
+    record_bert_widths(model)  # per-layer widths on model.config (BERT models only)
     reason = (f"{reduction.mode} d={reduction.d} -> k={reduction.k}: replaced "
               f"{', '.join(new)} ({old_local} -> {new_local} parameters)")
     return ReductionResult(reduction, True, reason, before, n_params(model))

@@ -25,7 +25,11 @@ SUPPORTED = (
     "mode='width': nn.Linear -> [elementwise activation / Dropout]* -> nn.Linear inside "
     "(nested) nn.Sequential containers or a block holding them as attributes, and "
     "nn.Conv2d -> [nn.BatchNorm2d] -> [elementwise activation]* -> nn.Conv2d (groups=1) "
-    "as in ResNet basic and bottleneck blocks")
+    "as in ResNet basic and bottleneck blocks; "
+    "Hugging Face BERT layers (both modes): the feed-forward inner width (site "
+    "'<layer>.output.dense') and the attention value/output per head (site "
+    "'<layer>.attention.output.dense'); other BERT modules (embeddings, query, key, pooler) "
+    "are left alone")
 
 # Elementwise (shape-agnostic) modules that may sit between producer and consumer.
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Mish,
