@@ -7,13 +7,15 @@ Public API:
     capture                                  reduction sites and calibration hooks
     nn.ProjectedLinear                       y = (x V) W^T + b, the projected low-rank layer
     compress, CompressConfig, CompressionResult   RMT-KD end to end (reduce + self-distil)
+    save, load                               compressed model <-> safetensors + plan.json
 """
 from . import capture, nn, spectral
 from .ops.covariance import CovarianceAccumulator, CovarianceStats
 from .spectral import SpectrumFit, analyze, spikes
 from .compress import CompressConfig, CompressionResult, compress
+from .io import load, save
 
 __version__ = "0.1.0"
 __all__ = ["CovarianceAccumulator", "CovarianceStats", "SpectrumFit", "analyze", "spikes",
            "spectral", "capture", "nn", "compress", "CompressConfig", "CompressionResult",
-           "__version__"]
+           "save", "load", "__version__"]

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--solver", default="auto", choices=SOLVERS, help="eigen solver")
     c.add_argument("--quiet", action="store_true", help="no progress bars and no step table")
     c.add_argument("--force", action="store_true", help="replace an existing report directory")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted job from its last finished step (the "
+                   "checkpoint kept in .<DIR>.checkpoint next to --out DIR; same arguments)")
     c.add_argument("--seed", type=int, default=0,
                    help="random seed (example training, calibration subset, distillation)")
     return parser
@@ -235,7 +238,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise UsageError(f"{out} already exists; pass --force to replace it")
     quiet = args.quiet
-    model, _, meta = EXAMPLES[args.example](seed=args.seed, progress=not quiet)
+    ckpt = _checkpoint_dir(out)
+    model, meta = _example_teacher(args, ckpt)
     train, evals = EXAMPLE_DATA[args.example](seed=args.seed)
     config = CompressConfig(mode=args.mode, estimator=args.estimator, margin=args.margin,
                             solver=args.solver, epsilon=args.epsilon, seed=args.seed,
@@ -243,7 +247,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     import time
 
     t0 = time.perf_counter()
-    result = compress(model, train, eval_data=evals, config=config)
+    result = compress(model, train, eval_data=evals, config=config,
+                      checkpoint_dir=ckpt / "steps", resume=args.resume)
     seconds = time.perf_counter() - t0
     example = next(iter(evals))[0][:1]
     lat_before = latency_ms(model, example)
@@ -275,6 +280,9 @@ def _run_compress(args: argparse.Namespace) -> int:
                     "latency_ms_after": lat_after, "seconds": seconds}
     path = write_compress_report(out, result, meta=meta, summary=summary_json,
                                  force=args.force)
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)   # the job is complete
     if not quiet:
         print(format_history(result.history))
         print()
@@ -282,6 +290,43 @@ def _run_compress(args: argparse.Namespace) -> int:
         print(f"{k}: {v}")
     print(f"report: {path / 'index.md'}")
     return 0
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    """Where ``rmtkd compress --out DIR`` keeps its checkpoint: ``.DIR.checkpoint`` beside
+    DIR (DIR itself is written atomically at the end, so it cannot hold it)."""
+    return out.parent / f".{out.name}.checkpoint"
+
+
+def _example_teacher(args: argparse.Namespace, ckpt: Path) -> tuple[torch.nn.Module, dict]:
+    """The example's trained teacher and metadata. The teacher is kept in the checkpoint
+    (``ckpt/teacher`` in the rmtkd.save format, ``ckpt/job.json``) so that ``--resume``
+    does not train it again; without --resume an old checkpoint is discarded."""
+    import json
+    import os
+    import shutil
+
+    from .examples import EXAMPLES
+    from .io import load, save
+
+    job = {"example": args.example, "seed": args.seed}
+    if args.resume and (ckpt / "job.json").is_file() and (ckpt / "teacher").is_dir():
+        saved = json.loads((ckpt / "job.json").read_text())
+        if saved.get("job") != job:
+            raise UsageError(f"cannot --resume: the checkpoint {ckpt} belongs to a job with "
+                             f"{saved.get('job')}, not {job}; drop --resume to start afresh")
+        return load(ckpt / "teacher"), saved["meta"]
+    if args.resume and not args.quiet:
+        print(f"rmtkd: no checkpoint in {ckpt}; starting from the beginning", file=sys.stderr)
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    model, _, meta = EXAMPLES[args.example](seed=args.seed, progress=not args.quiet)
+    ckpt.mkdir(parents=True)
+    save(model, ckpt / "teacher")
+    tmp = ckpt / ".job.json.tmp"
+    tmp.write_text(json.dumps({"job": job, "meta": meta}, default=str))
+    os.replace(tmp, ckpt / "job.json")
+    return model, meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -337,8 +337,8 @@ def _record(site: Any, fit: SpectrumFit, mode: str, params: int, metric: float
 
 
 def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
-             calib_data: Any = None, config: CompressConfig | None = None
-             ) -> CompressionResult:
+             calib_data: Any = None, config: CompressConfig | None = None,
+             checkpoint_dir: Any = None, resume: bool = False) -> CompressionResult:
     """Compress a copy of ``model`` with RMT-KD (see the module docstring for the flow).
 
     Args:
@@ -350,6 +350,15 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
         eval_data: like ``train_data``; the metric is measured on it (default: train_data).
         calib_data: calibration batches (default: ``calib_fraction`` of train_data).
         config: a :class:`CompressConfig`.
+        checkpoint_dir: a directory where, after every finished step (applied, skipped or
+            rolled back), a checkpoint is written atomically (see :mod:`rmtkd.checkpoint`
+            in this module: the current model in the :func:`rmtkd.save` format, the history,
+            plan and fits so far, the next site's index and the RNG states).
+        resume: continue from the last checkpoint in ``checkpoint_dir`` (pass the same
+            model, data and config; a config that differs raises ValueError). Without a
+            checkpoint there the run starts from the beginning. Every random choice of a
+            step is seeded from ``(config.seed, step)``, so a resumed run ends with the same
+            model as an uninterrupted one.
 
     Returns:
         A :class:`CompressionResult`.
@@ -388,13 +397,39 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
     plan: list[Reduction] = []
     history: list[StepRecord] = []
     fits: dict[str, SpectrumFit] = {}
-    bar = tqdm(sites, desc="compress", unit="site", disable=not cfg.progress)
-    for step, site0 in enumerate(bar):
+    site_names = [s.module_name for s in sites]
+    start, finished = 0, False
+    if checkpoint_dir is not None and resume:
+        state = load_checkpoint(checkpoint_dir)
+        if state is not None:
+            _check_resumable(state, cfg, site_names)
+            model = state["model"].to(model_device(model)).eval()
+            plan, history, fits = state["plan"], state["history"], state["fits"]
+            current_metric = state["current_metric"]
+            start, finished = state["next_step"], state["finished"]
+            _set_rng_states(state["rng"])
+
+    def checkpoint(next_step: int, done_all: bool) -> None:
+        if checkpoint_dir is not None:
+            write_checkpoint(checkpoint_dir, model, {
+                "next_step": next_step, "finished": done_all, "plan": plan,
+                "history": history, "fits": fits, "current_metric": current_metric,
+                "original_metric": original_metric, "original_params": original_params,
+                "config": _resume_config(cfg), "sites": site_names, "rng": _rng_states()})
+
+    bar = tqdm(total=len(sites), initial=start, desc="compress", unit="site",
+               disable=not cfg.progress)
+    for step in range(start, len(sites)):
+        if finished:
+            break
+        site0 = sites[step]
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
         if (cfg.param_target is not None
                 and n_params(model) <= cfg.param_target * original_params):
             break
+        _seed_step(cfg.seed, step, train)
+        _contiguous_(model)   # as a model read back from a checkpoint: same kernels, same bits
         t0 = time.perf_counter()
         site = make_site(site0.module_name, model.get_submodule(site0.module_name))
         bar.set_postfix_str(site.name)
@@ -411,52 +446,227 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
             rec.params_after = n_params(model)
             rec.seconds = time.perf_counter() - t0
 
+        stop = False
         if fit.k / site.dim < cfg.rho_min:
             done("skipped", f"k/d = {fit.k}/{site.dim} < rho_min = {cfg.rho_min}: stopping")
-            break
-        if fit.k < 1:
+            stop = True
+        elif fit.k < 1:
             done("skipped", "no spike above the threshold (k = 0): the site is left as is")
-            continue
-        try:
-            result = reduce_site(model, Reduction.from_fit(site, fit, stats, cfg.mode))
-        except UnsupportedModuleError as e:
-            done("skipped", str(e))
-            continue
-        if not result.applied:
-            done("skipped", result.reason)
-            continue
-        rec.metric_reduced = metric(model)
-        violation = None
-        try:
-            distill(model, teacher, train, task=cfg.task, alpha=cfg.alpha,
-                    temperature=cfg.temperature, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                    epochs=cfg.distill_epochs, progress=cfg.progress,
-                    desc=f"distil {site.module_name}")
-            rec.metric_after = metric(model)
-            if math.isnan(rec.metric_after):
-                violation = "the distilled model's outputs are NaN/Inf"
-            elif original_metric - rec.metric_after > cfg.epsilon:
-                violation = (f"metric {rec.metric_after:.2f} is "
-                             f"{original_metric - rec.metric_after:.2f} points below the "
-                             f"original {original_metric:.2f} (epsilon = {cfg.epsilon})")
-        except NonFiniteLossError as e:
-            violation = f"distillation diverged: {e}"
-        if violation is not None:
-            model = teacher   # the model just before this step
-            done("rolled back", f"{result.reason}; rolled back: {violation}")
-            if cfg.on_violation == "stop":
-                rec.reason += "; stopping (on_violation='stop')"
-                break
-            continue
-        done("applied", result.reason)
-        plan.append(result.reduction)
-        current_metric = rec.metric_after
+        else:
+            try:
+                result = reduce_site(model, Reduction.from_fit(site, fit, stats, cfg.mode))
+            except UnsupportedModuleError as e:
+                done("skipped", str(e))
+                result = None
+            if result is not None and not result.applied:
+                done("skipped", result.reason)
+            elif result is not None:
+                rec.metric_reduced = metric(model)
+                violation = None
+                try:
+                    distill(model, teacher, train, task=cfg.task, alpha=cfg.alpha,
+                            temperature=cfg.temperature, lr=cfg.lr,
+                            warmup_steps=cfg.warmup_steps, epochs=cfg.distill_epochs,
+                            progress=cfg.progress, desc=f"distil {site.module_name}")
+                    rec.metric_after = metric(model)
+                    if math.isnan(rec.metric_after):
+                        violation = "the distilled model's outputs are NaN/Inf"
+                    elif original_metric - rec.metric_after > cfg.epsilon:
+                        violation = (f"metric {rec.metric_after:.2f} is "
+                                     f"{original_metric - rec.metric_after:.2f} points below "
+                                     f"the original {original_metric:.2f} "
+                                     f"(epsilon = {cfg.epsilon})")
+                except NonFiniteLossError as e:
+                    violation = f"distillation diverged: {e}"
+                if violation is not None:
+                    model = teacher   # the model just before this step
+                    done("rolled back", f"{result.reason}; rolled back: {violation}")
+                    if cfg.on_violation == "stop":
+                        rec.reason += "; stopping (on_violation='stop')"
+                        stop = True
+                else:
+                    done("applied", result.reason)
+                    plan.append(result.reduction)
+                    current_metric = rec.metric_after
+        bar.update(1)
+        checkpoint(step + 1, stop or step + 1 == len(sites))
+        if stop:
+            break
     bar.close()
     model.eval()
     return CompressionResult(model, plan, history, fits, original_metric, current_metric,
                              original_params, n_params(model), config=cfg,
                              metric_name="accuracy (%)" if cfg.task == "classification"
                              else "cosine similarity to the original (%)")
+
+
+# ----------------------------------------------------------------------- checkpoints
+#
+# A checkpoint directory holds ``LATEST`` (the name of the newest complete checkpoint) and
+# that checkpoint ``step-NNNN/``: ``model.safetensors`` + ``plan.json`` (the rmtkd.save
+# format; models that format cannot describe are pickled to ``model.pt`` instead) and
+# ``state.pt`` (history, plan, fits, next step, RNG states; a pickle: load only your own
+# checkpoints). Each is written to a temporary directory that is renamed, then ``LATEST`` is
+# replaced with os.replace, then older checkpoints are removed; a kill at any moment leaves
+# the previous checkpoint (or the new one) intact.
+
+_LATEST = "LATEST"
+
+
+def _step_seed(seed: int, step: int) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(f"rmtkd-compress:{seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _seed_step(seed: int, step: int, train: "_Batches") -> None:
+    """Seed every random choice of step ``step`` (dropout, shuffling) from (seed, step)."""
+    import random
+
+    import numpy as np
+
+    s = _step_seed(seed, step)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+    train.gen.manual_seed(s)
+
+
+@torch.no_grad()
+def _contiguous_(model: nn.Module) -> None:
+    """Make every parameter and buffer contiguous in place (surgery may leave transposed
+    views; matmuls on them round differently from the contiguous copies a checkpoint holds)."""
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and not p.is_contiguous():
+                p.data = p.data.contiguous()
+        for name, b in m._buffers.items():
+            if b is not None and not b.is_contiguous():
+                m._buffers[name] = b.contiguous()
+
+
+def _rng_states() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate()}
+
+
+def _set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+def _resume_config(cfg: CompressConfig) -> dict:
+    d = cfg.to_dict()
+    d.pop("progress", None)
+    return d
+
+
+def _check_resumable(state: dict, cfg: CompressConfig, site_names: list[str]) -> None:
+    now = _resume_config(cfg)
+    diff = sorted(k for k in set(now) | set(state["config"])
+                  if now.get(k) != state["config"].get(k))
+    if diff:
+        old = state["config"]
+        was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
+        new = ", ".join(f"{k}={now.get(k)!r}" for k in diff)
+        raise ValueError(f"cannot resume: the checkpoint was written with a different config "
+                         f"({was}; now {new}); pass the same config or start afresh")
+    if state["sites"] != site_names:
+        raise ValueError(f"cannot resume: the checkpoint's sites {state['sites']} differ from "
+                         f"this model's {site_names}; pass the same model")
+
+
+def _fsync_dir(path: Any) -> None:
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(checkpoint_dir: Any, model: nn.Module, state: dict) -> Any:
+    """Write one checkpoint (model + ``state``) atomically; returns its directory."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .io import UnsupportedModelError, write_model_dir
+
+    root = Path(checkpoint_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state['next_step']:04d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        try:
+            write_model_dir(tmp, model, {"reductions": [r.to_dict() for r in state["plan"]],
+                                         "history": [r.to_dict() for r in state["history"]]})
+        except UnsupportedModelError:
+            torch.save(model, tmp / "model.pt")
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():   # left by a run killed before LATEST named it
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    latest_tmp = root / f".{_LATEST}.tmp"
+    with open(latest_tmp, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, root / _LATEST)
+    _fsync_dir(root)
+    for old in root.iterdir():   # older checkpoints and temporaries of killed writes
+        if old.name != name and old.name != _LATEST and old.is_dir() and (
+                old.name.startswith("step-") or old.name.startswith(".step-")):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(checkpoint_dir: Any) -> dict | None:
+    """The newest checkpoint in ``checkpoint_dir`` as a state dict with its ``"model"``, or
+    None when there is none. Raises ValueError for a damaged checkpoint."""
+    from pathlib import Path
+
+    from .io import CorruptModelError, load
+
+    root = Path(checkpoint_dir)
+    if not (root / _LATEST).is_file():
+        return None
+    name = (root / _LATEST).read_text().strip()
+    ck = root / name
+    if not name.startswith("step-") or not (ck / "state.pt").is_file():
+        raise ValueError(f"checkpoint {ck} named by {root / _LATEST} is missing or incomplete")
+    try:
+        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
+        state["model"] = (torch.load(ck / "model.pt", map_location="cpu", weights_only=False)
+                          if (ck / "model.pt").is_file() else load(ck))
+    except CorruptModelError as e:
+        raise ValueError(f"checkpoint {ck} is damaged: {e}") from e
+    return state
 
 
 # --------------------------------------------------------------------------- report

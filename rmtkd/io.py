@@ -1,0 +1,409 @@
+"""Save and load compressed models: ``rmtkd.save(result_or_model, path)`` / ``rmtkd.load(path)``.
+
+Format (a directory, written atomically: a temporary sibling renamed at the end):
+
+- ``model.safetensors``: the weights and persistent buffers (``state_dict`` names), contiguous
+  CPU tensors; tensors that alias another one (tied weights) are stored once and listed in
+  ``plan.json["aliases"]``.
+- ``plan.json``: ``format`` ("rmtkd-model"), ``format_version``, ``rmtkd_version``,
+  ``architecture`` (the module tree, see below), ``frozen`` (parameters with
+  ``requires_grad=False``), ``aliases``, ``sha256`` of ``model.safetensors`` (checked by
+  :func:`load`), ``reductions`` (each applied :class:`rmtkd.reduce.Reduction`'s ``to_dict()``)
+  and, when a :class:`rmtkd.compress.CompressionResult` is saved, ``history``, ``config`` and
+  the metric / parameter totals.
+
+The architecture is rebuilt without the original training code: every module must be one of
+:data:`SUPPORTED_MODULES` (exact types, standard torch layers plus
+``rmtkd.nn.ProjectedLinear``) stored with its constructor arguments, nested in
+``nn.Sequential`` containers, or a registered *wrapper* (:data:`WRAPPERS`): a known
+``nn.Module`` subclass whose ``__init__`` only registers children and whose ``forward`` uses
+them (e.g. :class:`rmtkd.examples.DigitsMLP`, ``forward(x) = self.net(x)``), keyed by a stable
+name and rebuilt as that class with the saved children. :func:`register_wrapper` adds one.
+Anything else raises :class:`UnsupportedModelError` listing what is supported (Hugging Face
+models will be saved via their config later).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "rmtkd-model"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+PLAN = "plan.json"
+
+__all__ = ["save", "load", "read_plan", "register_wrapper", "UnsupportedModelError",
+           "CorruptModelError", "SUPPORTED_MODULES", "WRAPPERS", "architecture_spec",
+           "build_from_spec"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model holds a module that :func:`save` cannot describe for :func:`load`."""
+
+
+class CorruptModelError(ValueError):
+    """A saved model directory is incomplete, corrupted or of an unknown format."""
+
+
+def _has_arg(fn: Any, name: str) -> bool:
+    import inspect
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+_BN_HAS_BIAS = _has_arg(nn.BatchNorm2d.__init__, "bias")   # newer torch: affine weight only
+
+
+def _projected_linear() -> type:
+    from .nn import ProjectedLinear
+    return ProjectedLinear
+
+
+def _tup(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+# name -> (class getter, function module -> constructor kwargs (JSON-able))
+_LEAVES: dict[str, tuple[Callable[[], type], Callable[[Any], dict]]] = {
+    "Linear": (lambda: nn.Linear, lambda m: {
+        "in_features": m.in_features, "out_features": m.out_features,
+        "bias": m.bias is not None}),
+    "Conv2d": (lambda: nn.Conv2d, lambda m: {
+        "in_channels": m.in_channels, "out_channels": m.out_channels,
+        "kernel_size": _tup(m.kernel_size), "stride": _tup(m.stride),
+        "padding": _tup(m.padding), "dilation": _tup(m.dilation), "groups": m.groups,
+        "bias": m.bias is not None, "padding_mode": m.padding_mode}),
+    "BatchNorm2d": (lambda: nn.BatchNorm2d, lambda m: {
+        "num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+        "affine": m.affine, "track_running_stats": m.track_running_stats,
+        **({"bias": m.bias is not None} if m.affine and _BN_HAS_BIAS else {})}),
+    "ReLU": (lambda: nn.ReLU, lambda m: {"inplace": m.inplace}),
+    "GELU": (lambda: nn.GELU, lambda m: {"approximate": m.approximate}),
+    "SiLU": (lambda: nn.SiLU, lambda m: {"inplace": m.inplace}),
+    "Tanh": (lambda: nn.Tanh, lambda m: {}),
+    "Dropout": (lambda: nn.Dropout, lambda m: {"p": m.p, "inplace": m.inplace}),
+    "Dropout2d": (lambda: nn.Dropout2d, lambda m: {"p": m.p, "inplace": m.inplace}),
+    "LayerNorm": (lambda: nn.LayerNorm, lambda m: {
+        "normalized_shape": list(m.normalized_shape), "eps": m.eps,
+        "elementwise_affine": m.elementwise_affine,
+        **({"bias": m.bias is not None} if m.elementwise_affine else {})}),
+    "Flatten": (lambda: nn.Flatten, lambda m: {"start_dim": m.start_dim,
+                                               "end_dim": m.end_dim}),
+    "Identity": (lambda: nn.Identity, lambda m: {}),
+    "AdaptiveAvgPool2d": (lambda: nn.AdaptiveAvgPool2d,
+                          lambda m: {"output_size": _tup(m.output_size)}),
+    "MaxPool2d": (lambda: nn.MaxPool2d, lambda m: {
+        "kernel_size": _tup(m.kernel_size), "stride": _tup(m.stride),
+        "padding": _tup(m.padding), "dilation": _tup(m.dilation),
+        "return_indices": m.return_indices, "ceil_mode": m.ceil_mode}),
+    "ProjectedLinear": (_projected_linear, lambda m: {
+        "in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+        "bias": m.bias is not None, "backend": m.backend}),
+}
+
+SUPPORTED_MODULES = tuple(["Sequential"] + list(_LEAVES))
+
+
+def _digits_mlp() -> type:
+    from .examples.digits_mlp import DigitsMLP
+    return DigitsMLP
+
+
+# Known wrappers: stable name -> class getter. A wrapper is rebuilt as
+# ``cls.__new__(cls)`` + ``nn.Module.__init__`` + its saved children, so its ``forward`` must
+# only use those children (no other attributes set in ``__init__``).
+WRAPPERS: dict[str, Callable[[], type]] = {
+    "rmtkd.examples.DigitsMLP": _digits_mlp,
+}
+
+
+def register_wrapper(name: str, cls: type | Callable[[], type]) -> None:
+    """Register an ``nn.Module`` subclass (or a zero-argument function returning it) under a
+    stable ``name`` so that :func:`save` can describe it and :func:`load` rebuild it. Its
+    ``forward`` must only use its registered child modules."""
+    getter = cls if not isinstance(cls, type) else (lambda: cls)
+    WRAPPERS[name] = getter
+
+
+def _supported_text() -> str:
+    return (f"rmtkd.save supports models built from these modules (exact types): "
+            f"{', '.join(SUPPORTED_MODULES)} (nn.* except ProjectedLinear = "
+            f"rmtkd.nn.ProjectedLinear), nested in nn.Sequential or in a registered wrapper "
+            f"class ({', '.join(WRAPPERS)}; rmtkd.io.register_wrapper adds one)")
+
+
+def _leaf_name(module: nn.Module) -> str | None:
+    for name, (get_cls, _) in _LEAVES.items():
+        if type(module) is get_cls():
+            return name
+    return None
+
+
+def _wrapper_name(module: nn.Module) -> str | None:
+    for name, get_cls in WRAPPERS.items():
+        if type(module) is get_cls():
+            return name
+    return None
+
+
+def architecture_spec(model: nn.Module) -> dict:
+    """JSON-able description of ``model``'s module tree (see the module docstring).
+
+    Raises:
+        UnsupportedModelError: a module outside :data:`SUPPORTED_MODULES` / :data:`WRAPPERS`.
+    """
+    seen: dict[int, str] = {}
+
+    def walk(m: nn.Module, path: str) -> dict:
+        if id(m) in seen:   # the same module object used twice: keep the sharing
+            return {"type": "ref", "target": seen[id(m)]}
+        seen[id(m)] = path
+        where = f"{path!r}" if path else "the root module"
+        leaf = _leaf_name(m)
+        if leaf is not None:
+            extra = [n for n, _ in m.named_children()]
+            if extra:
+                raise UnsupportedModelError(f"{where} ({leaf}) has unexpected child modules "
+                                            f"{extra}; {_supported_text()}")
+            return {"type": leaf, "args": _LEAVES[leaf][1](m)}
+        if type(m) is nn.Sequential:
+            kind = "Sequential"
+        else:
+            kind = _wrapper_name(m)
+            if kind is None:
+                raise UnsupportedModelError(
+                    f"cannot save {where}: {type(m).__module__}.{type(m).__qualname__} is not "
+                    f"supported. {_supported_text()}")
+            kind = "wrapper:" + kind
+        children = [[n, walk(c, f"{path}.{n}" if path else n)]
+                    for n, c in m._modules.items() if c is not None]
+        return {"type": kind, "children": children}
+
+    return walk(model, "")
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    """Rebuild the module tree of :func:`architecture_spec` (freshly initialised weights)."""
+    built: dict[str, nn.Module] = {}
+
+    def make(s: dict, path: str) -> nn.Module:
+        kind = s.get("type")
+        if kind == "ref":
+            if s.get("target") not in built:
+                raise CorruptModelError(f"plan.json: {path!r} refers to unknown module "
+                                        f"{s.get('target')!r}")
+            return built[s["target"]]
+        if kind in _LEAVES:
+            args = dict(s.get("args", {}))
+            m = _LEAVES[kind][0]()(**{k: tuple(v) if isinstance(v, list)
+                                      and k not in ("normalized_shape",) else v
+                                      for k, v in args.items()})
+        elif kind == "Sequential" or (isinstance(kind, str) and kind.startswith("wrapper:")):
+            if kind == "Sequential":
+                m = nn.Sequential()
+            else:
+                name = kind[len("wrapper:"):]
+                if name not in WRAPPERS:
+                    raise CorruptModelError(f"plan.json: unknown wrapper {name!r} at "
+                                            f"{path or 'the root'}; known: {', '.join(WRAPPERS)}")
+                cls = WRAPPERS[name]()
+                m = cls.__new__(cls)
+                nn.Module.__init__(m)
+            built[path] = m
+            for child_name, child_spec in s.get("children", []):
+                child = make(child_spec, f"{path}.{child_name}" if path else child_name)
+                m.add_module(child_name, child)
+            return m
+        else:
+            raise CorruptModelError(f"plan.json: unknown module type {kind!r} at "
+                                    f"{path or 'the root'}")
+        built[path] = m
+        return m
+
+    return make(spec, "")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous CPU copies of the state_dict, aliases (same storage, offset, shape and
+    stride as an earlier tensor) stored once: ``(tensors, {alias: canonical})``."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        key = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(),
+               tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() > 0 and key in first:
+            aliases[name] = first[key]
+            continue
+        first[key] = name
+        tensors[name] = t.to("cpu", copy=True).contiguous()   # never shares storage
+    return tensors, aliases
+
+
+def _plan_extras(obj: Any) -> tuple[nn.Module, dict]:
+    from .compress import CompressionResult
+
+    if isinstance(obj, CompressionResult):
+        return obj.model, {
+            "reductions": [r.to_dict() for r in obj.plan],
+            "history": [r.to_dict() for r in obj.history],
+            "config": obj.config.to_dict(), "metric": obj.metric_name,
+            "original_metric": obj.original_metric, "final_metric": obj.final_metric,
+            "original_params": obj.original_params, "final_params": obj.final_params}
+    if isinstance(obj, nn.Module):
+        return obj, {"reductions": []}
+    raise TypeError(f"rmtkd.save expects a CompressionResult or an nn.Module, got "
+                    f"{type(obj).__name__}")
+
+
+def write_model_dir(tmp: Path, model: nn.Module, extras: dict | None = None) -> None:
+    """Write model.safetensors and plan.json into the existing directory ``tmp``."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    spec = architecture_spec(model)
+    tensors, aliases = _tensors(model)
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    plan = {"format": FORMAT, "format_version": FORMAT_VERSION, "rmtkd_version": __version__,
+            "architecture": spec, "aliases": aliases,
+            "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+            "sha256": _sha256(tmp / WEIGHTS), **(extras or {})}
+    with open(tmp / PLAN, "w") as f:
+        json.dump(plan, f, indent=1, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (torch.Tensor,)):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save a :class:`rmtkd.compress.CompressionResult` (its model, plan and history) or an
+    ``nn.Module`` to the directory ``path`` (``model.safetensors`` + ``plan.json``).
+
+    Written atomically: into a temporary sibling directory, renamed to ``path`` at the end.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        UnsupportedModelError: a module that :func:`load` could not rebuild (the message
+            lists what is supported).
+    """
+    model, extras = _plan_extras(obj)
+    out = Path(path)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    architecture_spec(model)   # fail before creating anything
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_model_dir(tmp, model, extras)
+        os.chmod(tmp, 0o755)
+        if out.exists() or out.is_symlink():
+            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            out.rename(old)
+            tmp.rename(out)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_plan(path: str | os.PathLike) -> dict:
+    """The parsed ``plan.json`` of a saved model directory (format checked)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} is not a saved rmtkd model directory (it does not exist "
+                                f"or is not a directory)")
+    if not (p / PLAN).is_file():
+        raise CorruptModelError(f"{p} has no {PLAN}: not a (complete) rmtkd model directory")
+    try:
+        plan = json.loads((p / PLAN).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptModelError(f"{p / PLAN} is not valid JSON ({e}): the file is corrupted "
+                                f"or truncated") from e
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise CorruptModelError(f"{p / PLAN} is not an rmtkd model plan (format "
+                                f"{plan.get('format') if isinstance(plan, dict) else None!r})")
+    if plan.get("format_version", 0) > FORMAT_VERSION:
+        raise CorruptModelError(f"{p} was written in format version {plan['format_version']}; "
+                                f"this rmtkd reads up to {FORMAT_VERSION}: upgrade rmtkd")
+    return plan
+
+
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved with :func:`save` (eval mode), without the original code.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory.
+        CorruptModelError: a missing or corrupted file (the sha256 of ``model.safetensors``
+            must match ``plan.json``), or weights that do not fit the architecture.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    plan = read_plan(p)
+    weights = p / WEIGHTS
+    if not weights.is_file():
+        raise CorruptModelError(f"{p} has no {WEIGHTS}: the directory is incomplete")
+    digest = _sha256(weights)
+    if digest != plan.get("sha256"):
+        raise CorruptModelError(f"{weights} is corrupted or truncated: its sha256 {digest[:16]}"
+                                f"... does not match plan.json's {str(plan.get('sha256'))[:16]}"
+                                f"...; restore it from the original save")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptModelError(f"cannot read {weights}: {e}") from e
+    # Fresh, allocator-aligned copies (not views of the file's buffer): BLAS kernels may
+    # round differently on differently aligned memory, and resume must be bit-exact.
+    state = {k: v.clone() for k, v in state.items()}
+    for alias, canonical in plan.get("aliases", {}).items():
+        if canonical not in state:
+            raise CorruptModelError(f"plan.json: alias {alias!r} of missing tensor "
+                                    f"{canonical!r}")
+        state[alias] = state[canonical]
+    model = build_from_spec(plan["architecture"])
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CorruptModelError(f"the weights in {weights} do not fit the architecture in "
+                                f"plan.json: {e}") from e
+    frozen = set(plan.get("frozen", []))
+    for n, prm in model.named_parameters():
+        prm.requires_grad_(n not in frozen)
+    return model.eval()
