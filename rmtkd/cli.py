@@ -228,7 +228,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 def _run_compress(args: argparse.Namespace) -> int:
     from .compress import CompressConfig, compress, format_history, latency_ms
     from .compress import write_compress_report
-    from .examples import EXAMPLE_DATA, EXAMPLES
+    from .examples import EXAMPLE_DATA
 
     torch.manual_seed(args.seed)
     if args.example not in EXAMPLE_DATA:

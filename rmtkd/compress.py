@@ -728,20 +728,16 @@ def write_compress_report(out_dir: Any, result: CompressionResult, *, meta: dict
     model's state_dict) into ``out_dir``, atomically (a temporary sibling renamed at the
     end). Raises FileExistsError when ``out_dir`` exists and ``force`` is False."""
     import json
-    import os
-    import shutil
-    import tempfile
     from pathlib import Path
 
+    from ._fs import atomic_directory
     from .report import _file_names, _json_default, plot_site
 
     out = Path(out_dir)
     if (out.exists() or out.is_symlink()) and not force:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace "
                               f"it, or choose another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         files = _file_names([r.site for r in result.history])
         for r in result.history:
             if r.site in result.fits:
@@ -767,18 +763,4 @@ def write_compress_report(out_dir: Any, result: CompressionResult, *, meta: dict
         for r in result.history:
             lines += [f"## {r.site}", "", f"![{r.site}]({files[r.site]})", ""]
         (tmp / "index.md").write_text("\n".join(lines))
-        os.chmod(tmp, 0o755)
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            out.rename(old)
-            tmp.rename(out)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

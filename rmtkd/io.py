@@ -27,14 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._fs import atomic_directory
 
 FORMAT = "rmtkd-model"
 FORMAT_VERSION = 1
@@ -321,24 +321,8 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     architecture_spec(model)   # fail before creating anything
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         write_model_dir(tmp, model, extras)
-        os.chmod(tmp, 0o755)
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            out.rename(old)
-            tmp.rename(out)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -9,14 +9,13 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._fs import atomic_directory
 from .spectral import SpectrumFit, mp_pdf
 
 _COLUMNS = ("site", "d", "n", "gamma", "sigma^2", "lambda_+", "k", "k/d", "estimator",
@@ -191,9 +190,7 @@ def write_analysis_report(out_dir: str | os.PathLike, fits: Mapping[str, Spectru
     if (out.exists() or out.is_symlink()) and not force:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace "
                               f"it, or choose another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         files = _file_names(list(fits))
         sites = {}
         for name, fit in fits.items():
@@ -202,18 +199,4 @@ def write_analysis_report(out_dir: str | os.PathLike, fits: Mapping[str, Spectru
         (tmp / "report.json").write_text(
             json.dumps({"meta": meta, "sites": sites}, indent=1, default=_json_default))
         (tmp / "index.md").write_text(_index_md(fits, files, meta))
-        os.chmod(tmp, 0o755)   # mkdtemp makes it private
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            out.rename(old)
-            tmp.rename(out)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
