@@ -19,8 +19,26 @@ The architecture is rebuilt without the original training code: every module mus
 ``nn.Module`` subclass whose ``__init__`` only registers children and whose ``forward`` uses
 them (e.g. :class:`rmtkd.examples.DigitsMLP`, ``forward(x) = self.net(x)``), keyed by a stable
 name and rebuilt as that class with the saved children. :func:`register_wrapper` adds one.
-Anything else raises :class:`UnsupportedModelError` listing what is supported (Hugging Face
-models will be saved via their config later).
+Anything else raises :class:`UnsupportedModelError` listing what is supported.
+
+Hugging Face BERT models (format ``"rmtkd-hf"``, detected by duck typing: ``model.config``
+with ``to_dict`` and ``model.save_pretrained``; the class must be one of
+:data:`HF_ARCHITECTURES`, exact type from ``transformers``) are saved as:
+
+- ``config.json``: ``model.config.to_dict()`` after :func:`rmtkd.reduce.bert.record_bert_widths`
+  (so it carries ``rmtkd_intermediate_sizes`` / ``rmtkd_value_head_dims`` /
+  ``rmtkd_projected_ranks``), ``architectures`` = [class name] and ``dtype`` of the weights;
+- ``model.safetensors``: as above (aliases / tied weights stored once);
+- ``plan.json``: ``format`` "rmtkd-hf", ``hf_class``, ``dtype``, ``sha256`` of the weights,
+  ``aliases``, ``frozen``, ``reductions`` / ``history`` as above.
+
+:func:`load` rebuilds the config (``config_class.from_dict``), instantiates
+``transformers.<hf_class>(config)``, reshapes it with
+:func:`rmtkd.reduce.bert.apply_bert_widths` (narrow feed-forward layers, HeadPaddedLinear /
+HeadSelectLinear attention values, ProjectedLinear consumers), loads the weights with
+``strict=True`` and returns the ``transformers`` model object in eval mode. :func:`save`
+checks beforehand (on the meta device) that this rebuild reproduces every module type and
+tensor shape, so a model with modules that the config cannot describe fails at save time.
 """
 from __future__ import annotations
 
@@ -37,13 +55,20 @@ from torch import nn
 from ._fs import atomic_directory
 
 FORMAT = "rmtkd-model"
+HF_FORMAT = "rmtkd-hf"
 FORMAT_VERSION = 1
+HF_CONFIG = "config.json"
+
+# transformers classes that save/load handles (BERT encoders, reducible by rmtkd.reduce).
+HF_ARCHITECTURES = ("BertModel", "BertForSequenceClassification", "BertForMaskedLM",
+                    "BertForTokenClassification", "BertForQuestionAnswering",
+                    "BertForMultipleChoice", "BertForPreTraining")
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
 
 __all__ = ["save", "load", "read_plan", "register_wrapper", "UnsupportedModelError",
            "CorruptModelError", "SUPPORTED_MODULES", "WRAPPERS", "architecture_spec",
-           "build_from_spec"]
+           "build_from_spec", "HF_ARCHITECTURES", "is_hf_model"]
 
 
 class UnsupportedModelError(ValueError):
@@ -314,12 +339,18 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         UnsupportedModelError: a module that :func:`load` could not rebuild (the message
-            lists what is supported).
+            lists what is supported), or a Hugging Face model class outside
+            :data:`HF_ARCHITECTURES`.
     """
     model, extras = _plan_extras(obj)
     out = Path(path)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    if is_hf_model(model):
+        config = _hf_check(model)   # fail before creating anything
+        with atomic_directory(out) as tmp:
+            _write_hf_dir(tmp, model, config, extras)
+        return out
     architecture_spec(model)   # fail before creating anything
     with atomic_directory(out) as tmp:
         write_model_dir(tmp, model, extras)
@@ -339,7 +370,7 @@ def read_plan(path: str | os.PathLike) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptModelError(f"{p / PLAN} is not valid JSON ({e}): the file is corrupted "
                                 f"or truncated") from e
-    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+    if not isinstance(plan, dict) or plan.get("format") not in (FORMAT, HF_FORMAT):
         raise CorruptModelError(f"{p / PLAN} is not an rmtkd model plan (format "
                                 f"{plan.get('format') if isinstance(plan, dict) else None!r})")
     if plan.get("format_version", 0) > FORMAT_VERSION:
@@ -349,18 +380,22 @@ def read_plan(path: str | os.PathLike) -> dict:
 
 
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved with :func:`save` (eval mode), without the original code.
+    """Rebuild a model saved with :func:`save` (eval mode), without the original code. A
+    Hugging Face model comes back as its ``transformers`` class (see the module docstring).
 
     Raises:
         FileNotFoundError: ``path`` is not a directory.
         CorruptModelError: a missing or corrupted file (the sha256 of ``model.safetensors``
             must match ``plan.json``), or weights that do not fit the architecture.
+        UnsupportedModelError: a Hugging Face class outside :data:`HF_ARCHITECTURES`.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = Path(path)
     plan = read_plan(p)
+    if plan.get("format") == HF_FORMAT:
+        _hf_class(plan.get("hf_class"))   # unknown class: fail before reading the weights
     weights = p / WEIGHTS
     if not weights.is_file():
         raise CorruptModelError(f"{p} has no {WEIGHTS}: the directory is incomplete")
@@ -381,6 +416,8 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
             raise CorruptModelError(f"plan.json: alias {alias!r} of missing tensor "
                                     f"{canonical!r}")
         state[alias] = state[canonical]
+    if plan.get("format") == HF_FORMAT:
+        return _load_hf(p, plan, state, map_location)
     model = build_from_spec(plan["architecture"])
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -391,3 +428,157 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     for n, prm in model.named_parameters():
         prm.requires_grad_(n not in frozen)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+def is_hf_model(model: Any) -> bool:
+    """Duck-typed Hugging Face ``PreTrainedModel`` (``transformers`` is not imported)."""
+    return (hasattr(model, "config") and hasattr(model.config, "to_dict")
+            and hasattr(model, "save_pretrained"))
+
+
+def _hf_supported_text() -> str:
+    return (f"rmtkd.save / rmtkd.load support these Hugging Face classes (exact types from "
+            f"transformers): {', '.join(HF_ARCHITECTURES)}")
+
+
+def _hf_class(name: Any) -> type:
+    """The ``transformers`` class called ``name`` (must be in :data:`HF_ARCHITECTURES`)."""
+    if name not in HF_ARCHITECTURES:
+        raise UnsupportedModelError(f"Hugging Face model class {name!r} is not supported. "
+                                    f"{_hf_supported_text()}")
+    import transformers
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise UnsupportedModelError(f"this transformers ({transformers.__version__}) has no "
+                                    f"class {name!r}")
+    return cls
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _hf_config_dict(model: nn.Module) -> dict:
+    """config.json contents: the config with the recorded widths, class and dtype."""
+    from .reduce.bert import record_bert_widths
+
+    record_bert_widths(model)
+    cfg = json.loads(model.config.to_json_string(use_diff=False)) \
+        if _has_arg(model.config.to_json_string, "use_diff") else model.config.to_dict()
+    cfg["architectures"] = [type(model).__name__]
+    dtype = _float_dtype(model)
+    if dtype is not None:
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+    return cfg
+
+
+def _hf_build(cls: type, cfg: dict, dtype: torch.dtype | None, device: Any = None
+              ) -> nn.Module:
+    from .reduce.bert import apply_bert_widths
+
+    config = cls.config_class.from_dict(dict(cfg))
+    if device is None:
+        model = cls(config)
+    else:
+        with torch.device(device):
+            model = cls(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return apply_bert_widths(model)
+
+
+def _hf_check(model: nn.Module) -> dict:
+    """Check that ``model`` can be rebuilt from its config (class allowed, every module type
+    and tensor shape reproduced); return the config dict to write."""
+    name = type(model).__name__
+    cls = _hf_class(name)
+    if type(model) is not cls:
+        raise UnsupportedModelError(
+            f"{type(model).__module__}.{type(model).__qualname__} is not transformers."
+            f"{name}. {_hf_supported_text()}")
+    from .reduce.bert import bert_layers
+
+    if not bert_layers(model):
+        raise UnsupportedModelError(f"{name} has no BERT encoder layer; "
+                                    f"{_hf_supported_text()}")
+    cfg = _hf_config_dict(model)
+    try:
+        ref = _hf_build(cls, cfg, _float_dtype(model), device="meta")
+    except Exception as e:   # noqa: BLE001 - any failure means load could not rebuild it
+        raise UnsupportedModelError(f"cannot rebuild {name} from its config: {e}") from e
+    mods = {n: type(m) for n, m in model.named_modules()}
+    ref_mods = {n: type(m) for n, m in ref.named_modules()}
+    diff = sorted(n for n in set(mods) | set(ref_mods) if mods.get(n) is not ref_mods.get(n))
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    ref_shapes = {n: tuple(t.shape) for n, t in ref.state_dict().items()}
+    diff += sorted(n for n in set(shapes) | set(ref_shapes)
+                   if shapes.get(n) != ref_shapes.get(n))
+    if diff:
+        def what(d: dict, n: str) -> str:
+            v = d.get(n)
+            return "missing" if v is None else getattr(v, "__name__", str(v))
+        detail = "; ".join(
+            f"{n}: {what(mods, n) if n in mods or n in ref_mods else what(shapes, n)} vs "
+            f"rebuilt {what(ref_mods, n) if n in mods or n in ref_mods else what(ref_shapes, n)}"
+            for n in diff[:5])
+        raise UnsupportedModelError(
+            f"{name} holds modules or shapes that load could not rebuild from its config "
+            f"({len(diff)} differences, e.g. {detail}). Supported changes: "
+            f"rmtkd.reduce's BERT reductions (feed-forward width, per-head attention value "
+            f"width, ProjectedLinear consumers). {_hf_supported_text()}")
+    return cfg
+
+
+def _write_hf_dir(tmp: Path, model: nn.Module, cfg: dict, extras: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    tensors, aliases = _tensors(model)
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": HF_FORMAT})
+    for name, obj in ((HF_CONFIG, cfg), (PLAN, {
+            "format": HF_FORMAT, "format_version": FORMAT_VERSION,
+            "rmtkd_version": __version__, "hf_class": type(model).__name__,
+            "dtype": cfg.get("dtype"), "aliases": aliases,
+            "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+            "sha256": _sha256(tmp / WEIGHTS), **(extras or {})})):
+        with open(tmp / name, "w") as f:
+            json.dump(obj, f, indent=1, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _load_hf(p: Path, plan: dict, state: dict[str, torch.Tensor],
+             map_location: str | torch.device) -> nn.Module:
+    cls = _hf_class(plan.get("hf_class"))
+    try:
+        cfg = json.loads((p / HF_CONFIG).read_text())
+    except FileNotFoundError as e:
+        raise CorruptModelError(f"{p} has no {HF_CONFIG}: the directory is incomplete") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptModelError(f"{p / HF_CONFIG} is not valid JSON ({e}): the file is "
+                                f"corrupted or truncated") from e
+    dtype = None
+    if plan.get("dtype"):
+        dtype = getattr(torch, str(plan["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptModelError(f"plan.json: unknown dtype {plan['dtype']!r}")
+    try:
+        model = _hf_build(cls, cfg, dtype)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CorruptModelError(f"cannot rebuild {cls.__name__} from {p / HF_CONFIG}: "
+                                f"{e}") from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CorruptModelError(f"the weights in {p / WEIGHTS} do not fit the model rebuilt "
+                                f"from {HF_CONFIG}: {e}") from e
+    frozen = set(plan.get("frozen", []))
+    for n, prm in model.named_parameters():
+        prm.requires_grad_(n not in frozen)
+    return model.to(map_location).eval()
