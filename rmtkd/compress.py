@@ -41,6 +41,7 @@ from .distill.trainer import (TASKS, NonFiniteLossError, batch_labels, distill, 
 from .reduce import Reduction, UnsupportedModuleError, reduce_site
 from .reduce.plan import MODES, n_params
 from .spectral import SpectrumFit, spikes
+from .rank_rules import choose_k, parse_rule, top_eigenvectors
 from .spectral.estimators import DEFAULT_MARGIN
 
 ON_VIOLATION = ("skip", "stop")
@@ -60,7 +61,10 @@ class CompressConfig:
     after each reduction step. epsilon: largest allowed metric drop (points) against the
     original model. rho_min: stop when k/d < rho_min. param_target: stop when parameters
     <= param_target * original. max_steps: most reduction steps tried. on_violation:
-    "skip" or "stop" after a rolled-back step.
+    "skip" or "stop" after a rolled-back step. rank_rule: how k is chosen at each site
+    (:mod:`rmtkd.rank_rules`): "mp" (the spikes above the Marchenko-Pastur threshold, the
+    paper's), or the heuristic baselines "energy:<f>" (top directions holding fraction f of
+    the variance) and "uniform:<r>" (k = max(1, round(r * d))).
     """
 
     mode: str = "width"
@@ -80,6 +84,7 @@ class CompressConfig:
     param_target: float | None = None
     max_steps: int | None = None
     on_violation: str = "skip"
+    rank_rule: str = "mp"
     seed: int = 0
     progress: bool = True
 
@@ -102,6 +107,7 @@ class CompressConfig:
             raise ValueError("distill_epochs and warmup_steps must be >= 0")
         if not 0.0 <= self.rho_min <= 1.0:
             raise ValueError(f"rho_min must be in [0, 1], got {self.rho_min}")
+        parse_rule(self.rank_rule)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,6 +134,8 @@ class StepRecord:
     seconds: float = 0.0
     status: str = "skipped"
     reason: str = ""
+    rank_rule: str = "mp"   # how k was chosen (rmtkd.rank_rules); mp_k: the MP spike count
+    mp_k: int | None = None
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -165,7 +173,8 @@ class CompressionResult:
             f"{self.metric_name}: {self.original_metric:.2f} -> {self.final_metric:.2f} "
             f"({self.final_metric - self.original_metric:+.2f} points)",
             f"steps: {len(self.history)} tried, {applied} applied, {rolled} rolled back, "
-            f"{len(self.history) - applied - rolled} skipped (mode {self.config.mode})",
+            f"{len(self.history) - applied - rolled} skipped (mode {self.config.mode}, "
+            f"rank rule {self.config.rank_rule})",
         ])
 
     def to_dict(self) -> dict:
@@ -439,6 +448,16 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
                      solver=cfg.solver, seed=cfg.seed)
         fits[site.name] = fit
         rec = _record(site, fit, cfg.mode, n_params(model), current_metric)
+        rec.rank_rule, rec.mp_k = cfg.rank_rule, fit.k
+        k, basis = fit.k, None
+        if parse_rule(cfg.rank_rule)[0] != "mp":
+            # the heuristic baselines: k from the full spectrum, the top-k eigenvectors of
+            # the site covariance (spikes() only returns the MP spike directions)
+            vals, vecs = top_eigenvectors(stats.cov)
+            k = choose_k(cfg.rank_rule, fit, site.dim, eigenvalues=vals)
+            dtype = stats.cov.dtype if stats.cov.dtype.is_floating_point else torch.float32
+            basis = vecs[:, :k].to(dtype=dtype, device=stats.cov.device)
+            rec.k = k
         history.append(rec)
 
         def done(status: str, reason: str) -> None:
@@ -447,14 +466,17 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
             rec.seconds = time.perf_counter() - t0
 
         stop = False
-        if fit.k / site.dim < cfg.rho_min:
-            done("skipped", f"k/d = {fit.k}/{site.dim} < rho_min = {cfg.rho_min}: stopping")
+        if k / site.dim < cfg.rho_min:
+            done("skipped", f"k/d = {k}/{site.dim} < rho_min = {cfg.rho_min}: stopping")
             stop = True
-        elif fit.k < 1:
+        elif k < 1:
             done("skipped", "no spike above the threshold (k = 0): the site is left as is")
         else:
             try:
-                result = reduce_site(model, Reduction.from_fit(site, fit, stats, cfg.mode))
+                reduction = (Reduction.from_fit(site, fit, stats, cfg.mode) if basis is None
+                             else Reduction(site.name, site.module_name, cfg.mode, site.dim,
+                                            k, basis, torch.as_tensor(stats.mean)))
+                result = reduce_site(model, reduction)
             except UnsupportedModuleError as e:
                 done("skipped", str(e))
                 result = None
@@ -573,6 +595,8 @@ def _resume_config(cfg: CompressConfig) -> dict:
 
 def _check_resumable(state: dict, cfg: CompressConfig, site_names: list[str]) -> None:
     now = _resume_config(cfg)
+    # checkpoints written before rank_rule existed used the MP rule
+    state = {**state, "config": {"rank_rule": "mp", **state["config"]}}
     diff = sorted(k for k in set(now) | set(state["config"])
                   if now.get(k) != state["config"].get(k))
     if diff:
