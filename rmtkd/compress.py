@@ -781,9 +781,9 @@ def write_compress_report(out_dir: Any, result: CompressionResult, *, meta: dict
                   format_history(result.history, markdown=True), ""]
         lines += [f"- `{r.site}`: {r.reason}" for r in result.history]
         lines += ["", "`model.pt` holds the compressed model's `state_dict` (torch.save). "
-                  "It loads only into a module built with the compressed widths; "
-                  "`rmtkd.save(result, path)` writes a self-contained model that "
-                  "`rmtkd.load(path)` rebuilds without the original code.", ""]
+                  "It loads only into a module built with the compressed widths; for a "
+                  "self-contained model use save/load: `rmtkd.save(result, path)`, then "
+                  "`rmtkd.load(path)` rebuilds it without the original code.", ""]
         for r in result.history:
             lines += [f"## {r.site}", "", f"![{r.site}]({files[r.site]})", ""]
         (tmp / "index.md").write_text("\n".join(lines))
