@@ -87,6 +87,14 @@ FFN, ATTENTION = "ffn", "attention"
 
 # ----------------------------------------------------------------------------- modules
 
+def _head_dims(head_dims: Sequence[int], head_size: int) -> tuple[list[int], int]:
+    """Validated per-head kept dimensions (each in [0, head_size]) and the head size."""
+    dims, size = [int(k) for k in head_dims], int(head_size)
+    if any(not 0 <= k <= size for k in dims):
+        raise ValueError(f"head_dims must be in [0, {size}]; got {dims}")
+    return dims, size
+
+
 class HeadPaddedLinear(nn.Module):
     """``nn.Linear(in_features -> sum(head_dims))`` whose outputs are zero-padded per head to
     ``head_size`` (out: ``len(head_dims) * head_size``): head h's kept values sit in the
@@ -95,10 +103,7 @@ class HeadPaddedLinear(nn.Module):
     def __init__(self, in_features: int, head_dims: Sequence[int], head_size: int,
                  bias: bool = True, *, device=None, dtype=None) -> None:
         super().__init__()
-        self.head_dims = [int(k) for k in head_dims]
-        self.head_size = int(head_size)
-        if any(not 0 <= k <= self.head_size for k in self.head_dims):
-            raise ValueError(f"head_dims must be in [0, {head_size}]; got {self.head_dims}")
+        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
         self.in_features = int(in_features)
         self.out_features = len(self.head_dims) * self.head_size
         self.linear = nn.Linear(in_features, sum(self.head_dims), bias=bias, device=device,
@@ -124,10 +129,7 @@ class HeadSelectLinear(nn.Module):
     def __init__(self, head_dims: Sequence[int], head_size: int, out_features: int,
                  bias: bool = True, *, device=None, dtype=None) -> None:
         super().__init__()
-        self.head_dims = [int(k) for k in head_dims]
-        self.head_size = int(head_size)
-        if any(not 0 <= k <= self.head_size for k in self.head_dims):
-            raise ValueError(f"head_dims must be in [0, {head_size}]; got {self.head_dims}")
+        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
         self.in_features = len(self.head_dims) * self.head_size
         self.out_features = int(out_features)
         self.linear = nn.Linear(sum(self.head_dims), out_features, bias=bias, device=device,
