@@ -357,6 +357,13 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     return out
 
 
+def _restore_frozen(model: nn.Module, plan: dict) -> None:
+    """Parameters listed as frozen in plan.json get requires_grad=False, the rest True."""
+    frozen = set(plan.get("frozen", []))
+    for n, prm in model.named_parameters():
+        prm.requires_grad_(n not in frozen)
+
+
 def read_plan(path: str | os.PathLike) -> dict:
     """The parsed ``plan.json`` of a saved model directory (format checked)."""
     p = Path(path)
@@ -424,9 +431,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     except RuntimeError as e:
         raise CorruptModelError(f"the weights in {weights} do not fit the architecture in "
                                 f"plan.json: {e}") from e
-    frozen = set(plan.get("frozen", []))
-    for n, prm in model.named_parameters():
-        prm.requires_grad_(n not in frozen)
+    _restore_frozen(model, plan)
     return model.eval()
 
 
@@ -578,7 +583,5 @@ def _load_hf(p: Path, plan: dict, state: dict[str, torch.Tensor],
     except RuntimeError as e:
         raise CorruptModelError(f"the weights in {p / WEIGHTS} do not fit the model rebuilt "
                                 f"from {HF_CONFIG}: {e}") from e
-    frozen = set(plan.get("frozen", []))
-    for n, prm in model.named_parameters():
-        prm.requires_grad_(n not in frozen)
+    _restore_frozen(model, plan)
     return model.to(map_location).eval()

@@ -6,7 +6,17 @@ Tests marked ``interpreter`` exercise the Triton kernels that way (small shapes 
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def float64_default():
+    """Run a test with float64 as torch's default dtype (surgery exactness checks)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

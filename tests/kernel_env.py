@@ -25,3 +25,12 @@ gpu = [pytest.mark.gpu,
 # Unit roundoff of the low-precision dtypes; the fp32 tolerance of the kernels.
 U = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 FP32_TOL = 1e-5
+
+
+def marked(mark_list):
+    """Decorator applying every mark in ``mark_list`` (e.g. ``interpreter``, ``gpu``)."""
+    def deco(fn):
+        for m in reversed(mark_list):
+            fn = m(fn)
+        return fn
+    return deco

@@ -34,20 +34,12 @@ import torch
 
 from rmtkd.ops.covariance import CovarianceAccumulator, NonFiniteInputError
 
-from kernel_env import DEVICE, FP32_TOL, HAS_TRITON, U, gpu, interpreter
+from kernel_env import DEVICE, FP32_TOL, HAS_TRITON, U, gpu, interpreter, marked
 
 NS = [1, 7, 130]
 DS = [3, 33, 96]
 SMALL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda"
                                                  else [])
-
-
-def _apply(mark_list):
-    def deco(fn):
-        for m in reversed(mark_list):
-            fn = m(fn)
-        return fn
-    return deco
 
 
 @pytest.fixture
@@ -130,7 +122,7 @@ def _mask(kind: str, n: int, device=DEVICE) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------- kernel
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("mask", ["none", "partial", "all_false"])
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=str)
 @pytest.mark.parametrize("d", DS)
@@ -140,7 +132,7 @@ def test_shifted_gram_matches_float64(kc, n: int, d: int, dtype: torch.dtype, ma
     _check(kc, x, shift, _mask(mask, n))
 
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_split_k_equals_one_split(kc, dtype: torch.dtype) -> None:
     x, shift = _data(300, 33, dtype, seed=7)
@@ -156,7 +148,7 @@ def test_split_k_equals_one_split(kc, dtype: torch.dtype) -> None:
     _check(kc, x, shift, keep, split_k=3)
 
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("d", [96, 100])
 def test_many_tiles_cover_the_upper_triangle(kc, d: int) -> None:
     """16-wide tiles: 21 (d = 96) or 28 (d = 100, tail tile) upper pairs, and 16-row steps;
@@ -165,7 +157,7 @@ def test_many_tiles_cover_the_upper_triangle(kc, d: int) -> None:
     _check(kc, x, shift, _mask("partial", 70), block_d=16, block_k=16, split_k=2)
 
 
-@_apply(interpreter)
+@marked(interpreter)
 def test_strided_inputs(kc) -> None:
     base, shift_full = _data(150, 70, torch.float32, seed=3)
     cases = {
@@ -180,7 +172,7 @@ def test_strided_inputs(kc) -> None:
         _check(kc, x.half(), shift, keep)
 
 
-@_apply(interpreter)
+@marked(interpreter)
 def test_uint8_mask_and_masked_nan_rows(kc) -> None:
     x, shift = _data(40, 33, torch.float32, seed=5)
     keep = _mask("partial", 40)
@@ -194,7 +186,7 @@ def test_uint8_mask_and_masked_nan_rows(kc) -> None:
         assert torch.equal(g[iu[0], iu[1]], g_ref[iu[0], iu[1]]) and torch.equal(s, s_ref)
 
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("dtype", SMALL_DTYPES[1:], ids=str)
 def test_representable_shift_makes_low_precision_exact(kc, dtype: torch.dtype) -> None:
     """A shift representable in the input dtype near a large mean: every x - shift is exact
@@ -208,7 +200,7 @@ def test_representable_shift_makes_low_precision_exact(kc, dtype: torch.dtype) -
     assert _rel_upper(g32, g) < 1e-6 and _rel(s32, s) < 1e-6
 
 
-@_apply(interpreter)
+@marked(interpreter)
 def test_centring_keeps_accuracy_at_large_mean(kc) -> None:
     """|mean| / std = 1e4 in fp32: an unshifted Gram would lose ~all digits (eps * 1e8)."""
     x, shift = _data(130, 33, torch.float32, seed=11, mean=1e4)
@@ -216,7 +208,7 @@ def test_centring_keeps_accuracy_at_large_mean(kc) -> None:
     assert eg < FP32_TOL
 
 
-@_apply(interpreter)
+@marked(interpreter)
 def test_rejects_bad_arguments(kc) -> None:
     x, shift = _data(8, 5, torch.float32, seed=0)
     with pytest.raises(TypeError, match="float64"):
@@ -262,7 +254,7 @@ def _cov_ref(x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, 
     return mu, xc.T @ xc / rows.shape[0]
 
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=str)
 def test_accumulator_triton_matches_torch_backend(dtype: torch.dtype) -> None:
     d = 33
@@ -293,7 +285,7 @@ def test_accumulator_triton_matches_torch_backend(dtype: torch.dtype) -> None:
     assert _rel(sr.cov, cov) < FP32_TOL
 
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("dtype", SMALL_DTYPES[1:], ids=str)
 def test_accumulator_low_precision_small_and_mixed_means(dtype: torch.dtype) -> None:
     """Columns with |mean| < 8 std are shifted by 0 (x - 0 = x, exact), the others by their
@@ -312,7 +304,7 @@ def test_accumulator_low_precision_small_and_mixed_means(dtype: torch.dtype) -> 
     assert _rel(st.cov, cov) < FP32_TOL and _rel(st.mean, mu) < FP32_TOL
 
 
-@_apply(interpreter)
+@marked(interpreter)
 def test_accumulator_triton_float64_input_and_large_mean() -> None:
     x, _ = _data(130, 20, torch.float64, seed=4, mean=1e5)
     tri = CovarianceAccumulator(20, backend="triton").update(x[:60]).update(x[60:])
@@ -321,7 +313,7 @@ def test_accumulator_triton_float64_input_and_large_mean() -> None:
     assert _rel(st.cov, cov) < FP32_TOL and _rel(st.mean, mu) < FP32_TOL
 
 
-@_apply(interpreter)
+@marked(interpreter)
 def test_accumulator_triton_non_finite_batch() -> None:
     x, _ = _data(20, 9, torch.float32, seed=8)
     acc = CovarianceAccumulator(9, backend="triton").update(x)
@@ -338,7 +330,7 @@ def test_accumulator_triton_non_finite_batch() -> None:
     assert acc.n == 39
 
 
-@_apply(interpreter)
+@marked(interpreter)
 def test_auto_runs_triton_for_16_bit_batches_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where auto resolves to Triton (CUDA), fp32 batches take the torch path (measured faster
     there) and fp16/bf16 batches the kernel; backend="triton" by name runs every dtype."""
@@ -378,7 +370,7 @@ def test_import_rmtkd_does_not_import_triton() -> None:
 
 
 # --------------------------------------------------------------------------------- GPU only
-@_apply(gpu)
+@marked(gpu)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d", [1024, 4096])
 def test_large_shapes_on_gpu(kc, d: int, dtype: torch.dtype) -> None:
@@ -393,7 +385,7 @@ def test_large_shapes_on_gpu(kc, d: int, dtype: torch.dtype) -> None:
         _check(kc, x, shift.to(dtype).float(), keep, lp_tol=2e-5)
 
 
-@_apply(gpu)
+@marked(gpu)
 def test_auto_picks_triton_on_cuda_and_matches_torch() -> None:
     d = 512
     x, _ = _data(3 * 4096, d, torch.bfloat16, seed=9, device=torch.device("cuda"))

@@ -31,20 +31,12 @@ from rmtkd.ops import resolve_backend
 from rmtkd.ops.projected_linear import (choose_variant, projected_linear,
                                         projected_linear_triton)
 
-from kernel_env import DEVICE, FP32_TOL, U, gpu, interpreter
+from kernel_env import DEVICE, FP32_TOL, U, gpu, interpreter, marked
 VARIANTS = ["tile", "split_rank"]
 # (n, d_in, d_out, k): every value of n in {1, 7, 130}, d_in in {3, 33, 96}, d_out in
 # {5, 40}, k in {1, 5, 17} appears at least twice, with the bias on and off.
 SHAPES = [(1, 3, 5, 1), (7, 33, 40, 5), (130, 96, 40, 17), (1, 96, 40, 17), (7, 3, 40, 17),
           (130, 33, 5, 1), (7, 96, 5, 5), (130, 3, 40, 5), (1, 33, 5, 17)]
-
-
-def _apply(mark_list):
-    def deco(fn):
-        for m in reversed(mark_list):
-            fn = m(fn)
-        return fn
-    return deco
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -264,7 +256,7 @@ def test_import_does_not_load_triton():
 # ------------------------------------------------------------------------------------------
 # fused kernels (interpreter on CPU, compiled on CUDA)
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
@@ -287,7 +279,7 @@ def test_fused_forward(kp, shape, bias, dtype, variant):
         assert not y2.isnan().any() and rel_err(y2, y) <= tol
 
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fused_forward_strided_operands_and_small_tiles(kp, variant):
     """Non-contiguous x, V, W, bias and out; forced tiny blocks (many row and column tiles,
@@ -311,7 +303,7 @@ def test_fused_forward_strided_operands_and_small_tiles(kp, variant):
     assert rel_err(out, _ref64(x, V, W, b)) <= FP32_TOL
 
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_op_triton_3d_and_noncontiguous_input(kp, dtype, variant):
@@ -328,7 +320,7 @@ def test_op_triton_3d_and_noncontiguous_input(kp, dtype, variant):
                 dtype, "3-D")
 
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(7, 33, 40, 5), (130, 96, 40, 17), (1, 3, 5, 1)])
@@ -347,7 +339,7 @@ def test_fused_backward_vs_float64_autograd(kp, shape, dtype, variant):
         _check_lowp(rel_err(a.grad, r), rel_err(a_lp.grad, r), dtype, f"grad_{name}")
 
 
-@_apply(interpreter)
+@marked(interpreter)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("needs", ["x", "V", "W", "b", "VW", "xW"])
 def test_fused_backward_only_requested_grads(kp, needs, variant):
@@ -364,7 +356,7 @@ def test_fused_backward_only_requested_grads(kp, needs, variant):
             assert a.grad is None, name
 
 
-@_apply(interpreter)
+@marked(interpreter)
 def test_module_triton_backend_matches_torch_and_trains(kp, monkeypatch):
     monkeypatch.setattr(pl_mod, "FUSED_MAX_TOKENS", 64)   # route 6 rows to a fused kernel
     torch.manual_seed(0)
@@ -391,7 +383,7 @@ def test_module_triton_backend_matches_torch_and_trains(kp, monkeypatch):
     assert loss.item() < first
 
 
-@_apply(interpreter)
+@marked(interpreter)
 def test_triton_backend_runs_two_gemms_above_the_rank_limit(kp, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("fused kernel called above FUSED_MAX_RANK")
@@ -409,7 +401,7 @@ GPU_SMALL = ([(s, torch.bfloat16) for s in [(7, 33, 40, 5), (130, 96, 40, 17), (
              + [((130, 33, 5, 17), torch.float32), ((7, 96, 40, 1), torch.float16)])
 
 
-@_apply(gpu)
+@marked(gpu)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape,dtype", GPU_SMALL)
 def test_gpu_forward_small(kp, shape, dtype, variant):
@@ -425,7 +417,7 @@ def test_gpu_forward_small(kp, shape, dtype, variant):
     assert not t.isnan().any()
 
 
-@_apply(gpu)
+@marked(gpu)
 @pytest.mark.parametrize("tokens", [1, 16, 64, 4096])
 def test_gpu_bench_shapes_forward(kp, tokens):
     d, k, dtype = 4096, 256, torch.bfloat16
@@ -439,7 +431,7 @@ def test_gpu_bench_shapes_forward(kp, tokens):
     _check_lowp(rel_err(y, ref), err_lp, dtype, f"auto at {tokens} tokens")
 
 
-@_apply(gpu)
+@marked(gpu)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", VARIANTS + ["auto"])
 @pytest.mark.parametrize("tokens", [16, 4096])

@@ -13,12 +13,7 @@ from rmtkd.reduce import Reduction, UnsupportedModuleError, reduce_site
 
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def orth(d: int, k: int, seed: int = 0) -> torch.Tensor:

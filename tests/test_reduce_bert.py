@@ -20,12 +20,7 @@ from rmtkd.reduce import (HeadPaddedLinear, HeadSelectLinear, Reduction,  # noqa
 H, HEADS, HD, FF, L = 32, 4, 8, 64, 2
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def config(**kw) -> BertConfig:
