@@ -7,6 +7,10 @@ L2 before every call):
   tiles + column sums; split-K partials summed where used),
 - ``update``: a full ``CovarianceAccumulator(backend="triton").update`` (kernel, finiteness
   check, ``G - s s^T / m``, Chan merge),
+- ``cuda`` / ``cuda update``: the same two for the C++ extension (``rmtkd::covariance_update``,
+  csrc/covariance.cu, and ``CovarianceAccumulator(backend="cuda").update``), side by side in
+  the same run; the columns read "-" (and the JSON says why) where the extension cannot be
+  built,
 - ``baseline``: ``torch.mm(X.T, X, out_dtype=torch.float32)`` where this torch supports it for
   bf16, else ``(X.T @ X).float()`` (recorded in the JSON as ``baseline_kind``), plus
   ``X.sum(0, dtype=torch.float32)``.
@@ -42,6 +46,21 @@ from rmtkd.kernels import covariance as kc  # noqa: E402
 from rmtkd.ops.covariance import CovarianceAccumulator, _ieee_fp32_matmul  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+
+
+def _cuda_ext() -> tuple[Any, str]:
+    """``(torch.ops.rmtkd, "")`` if the C++ extension builds and loads here, else
+    ``(None, why)``: the cuda column is then skipped."""
+    if not CUDA:
+        return None, "no CUDA device"
+    try:
+        from rmtkd.ops.cuda_ext import load_extension
+
+        load_extension(with_cuda=True)
+        return torch.ops.rmtkd, ""
+    except Exception as err:  # noqa: BLE001 - any build failure skips the column
+        print(f"cuda column skipped: {err}", file=sys.stderr)
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0]}"
 
 
 def _timer(rep_ms: int) -> Callable[[Callable[[], Any]], float]:
@@ -95,7 +114,7 @@ def measure_peak(timer: Callable, size: int, dtype: torch.dtype, device: str) ->
 
 
 def bench_one(n: int, d: int, dtype: torch.dtype, timer: Callable, n_inputs: int,
-              device: str, peak_tflops: float) -> dict:
+              device: str, peak_tflops: float, ext: Any = None) -> dict:
     g = torch.Generator(device=device).manual_seed(d)
     # Zero-mean rows and a zero shift: the kernel still subtracts it (timing does not depend
     # on the values), and its output must then equal the baseline's X^T X (exact products,
@@ -127,6 +146,20 @@ def bench_one(n: int, d: int, dtype: torch.dtype, timer: Callable, n_inputs: int
     iu = torch.triu_indices(d, d, device=device)
     rel_err = ((out.double()[iu[0], iu[1]] - ref[iu[0], iu[1]]).norm()
                / ref[iu[0], iu[1]].norm()).item()
+    t_cuda = t_cuda_upd = cuda_err = None
+    if ext is not None:  # the C++ extension: kernel alone, then the accumulator's update
+        c_buf = torch.zeros(d, d, device=device)
+        s_buf = torch.zeros(d, device=device)
+        t_cuda = timer(_rotating(xs, lambda x: ext.covariance_update(x, shift, None, c_buf,
+                                                                     s_buf)))
+        acc_c = CovarianceAccumulator(d, backend="cuda", device=device)
+        acc_c.update(xs[0])
+        t_cuda_upd = timer(_rotating(xs, acc_c.update))
+        c_buf.zero_()
+        ext.covariance_update(xs[0], shift, None, c_buf, s_buf)
+        cuda_err = ((c_buf.double()[iu[0], iu[1]] - ref[iu[0], iu[1]]).norm()
+                    / ref[iu[0], iu[1]].norm()).item()
+        del acc_c, c_buf, s_buf
     flops = n * d * (d + 1)
     bytes_read = n * d * xs[0].element_size()
     splits = kc.choose_split(n, d, kc.choose_config(n, d, dtype, xs[0].device)["BLOCK_D"],
@@ -140,6 +173,10 @@ def bench_one(n: int, d: int, dtype: torch.dtype, timer: Callable, n_inputs: int
            "frac_of_bf16_peak": flops / t_tri / 1e12 / peak_tflops,
            "triton_gbps": bytes_read / t_tri / 1e9,
            "rel_err_vs_baseline": rel_err, "split_k": splits,
+           "cuda_s": t_cuda, "cuda_update_s": t_cuda_upd, "cuda_rel_err_vs_baseline": cuda_err,
+           "speedup_cuda_kernel": t_base / t_cuda if t_cuda else None,
+           "speedup_cuda_update": t_base / t_cuda_upd if t_cuda_upd else None,
+           "cuda_tflops": flops / t_cuda / 1e12 if t_cuda else None,
            "config": kc.best_config(dtype) if CUDA else "interpreter",
            "baseline_kind": baseline_kind, "n_inputs": n_inputs}
     del xs, acc
@@ -181,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         low = torch.float16  # bf16 is unreliable under the interpreter
         peak = measure_peak(_timer(args.rep_ms), 256, torch.float32, device)
     timer = _timer(args.rep_ms)
+    ext, ext_why = _cuda_ext()
 
-    rows = [bench_one(n, d, low, timer, args.inputs, device, peak["tflops"]) for d in dims]
+    rows = [bench_one(n, d, low, timer, args.inputs, device, peak["tflops"], ext)
+            for d in dims]
     if fp32_dim:
         rows.append(bench_one(n, fp32_dim, torch.float32, timer, args.inputs, device,
-                              peak["tflops"]))
+                              peak["tflops"], ext))
 
     print(f"peak {peak['dtype']} matmul {peak['size']}^3: {peak['tflops']:.4g} TFLOP/s  "
           f"({gpu_info().get('gpu_name', 'CPU, Triton interpreter: not a measurement')})")
@@ -200,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
           r["rel_err_vs_baseline"], r["split_k"]] for r in rows])
     print(f"baseline: {rows[0]['baseline_kind']}; FLOPs counted n*d*(d+1); "
           f"x = baseline time / Triton time")
+    if ext is not None:
+        print("\ncuda backend (C++ extension), same inputs and baseline:")
+        print_table(["dtype", "n", "d", "cuda ms", "cuda upd ms", "base ms", "x kern", "x upd",
+                     "cuda TF/s", "rel err"],
+                    [[r["dtype"], r["n"], r["d"], r["cuda_s"] * 1e3, r["cuda_update_s"] * 1e3,
+                      r["baseline_s"] * 1e3, r["speedup_cuda_kernel"], r["speedup_cuda_update"],
+                      r["cuda_tflops"], r["cuda_rel_err_vs_baseline"]] for r in rows])
+    else:
+        print(f"cuda backend: skipped ({ext_why})")
     for r in rows:
         if r["config"] not in (None, "interpreter"):
             print(f"  {r['dtype']} d={r['d']}: autotuned {r['config']}")
@@ -207,12 +255,17 @@ def main(argv: list[str] | None = None) -> int:
         path = write_json("covariance_gpu" if CUDA else "covariance_gpu_smoke",
                           {"bench": "covariance_gpu", "machine": machine_info(),
                            "gpu": gpu_info(), "quick": args.quick, "peak": peak,
+                          "cuda_ext": ext_why or "built",
                            "flops_formula": "n*d*(d+1)", "rows": rows,
                            "summary": [dict(shape=f"{r['dtype']} n={r['n']} d={r['d']}",
                                             rmtkd_s=r["update_s"], baseline_s=r["baseline_s"],
                                             note=f"kernel alone {r['speedup_kernel']:.2f}x, "
                                                  f"{r['frac_of_bf16_peak']:.0%} of bf16 peak")
-                                       for r in rows]}, args.out_dir)
+                                       for r in rows]
+                          + [dict(shape=f"cuda {r['dtype']} n={r['n']} d={r['d']}",
+                                  rmtkd_s=r["cuda_update_s"], baseline_s=r["baseline_s"],
+                                  note=f"cuda kernel alone {r['speedup_cuda_kernel']:.2f}x")
+                             for r in rows if r["cuda_update_s"]]}, args.out_dir)
         print(f"wrote {path}")
     return 0
 

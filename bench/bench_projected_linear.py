@@ -7,8 +7,12 @@ y = (x V) W^T + b, bf16, d_in = d_out = 4096, k in {256, 64}, tokens (rows of x)
 - ``tile`` / ``split_rank``: the two fused Triton kernels (rmtkd.kernels.projected_linear);
 - ``auto``: ``rmtkd.ops.projected_linear`` as dispatched (fused below the thresholds in
   rmtkd/ops/projected_linear.py, two GEMMs above);
-- ``dense``: ``F.linear(x, W_dense, b)`` with a 4096 x 4096 weight, as context.
-Plus forward+backward (autograd Function vs torch autograd) at 16 and 4096 tokens.
+- ``dense``: ``F.linear(x, W_dense, b)`` with a 4096 x 4096 weight, as context;
+- ``cuda``: the C++ extension's fused kernel (``rmtkd::projected_linear``,
+  csrc/projected_linear.cu), side by side in the same run; left out (the JSON says why)
+  where the extension cannot be built.
+Plus forward+backward (autograd Function vs torch autograd, and the cuda backend) at 16 and
+4096 tokens.
 
 Medians of ``triton.testing.do_bench`` (it clears L2 before every run); inputs are also
 rotated over several copies. Achieved TFLOP/s count 2 M k (d_in + d_out) (dense: 2 M d_in
@@ -41,6 +45,20 @@ D = 4096
 FWD_BWD_TOKENS = [16, 4096]
 SWEEP_TOKENS = [1, 16]
 N_ROT = 4
+
+
+def _cuda_ext() -> tuple[Any, str]:
+    """``(torch.ops.rmtkd, "")`` if the C++ extension builds and loads, else ``(None, why)``."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    try:
+        from rmtkd.ops.cuda_ext import load_extension
+
+        load_extension(with_cuda=True)
+        return torch.ops.rmtkd, ""
+    except Exception as err:  # noqa: BLE001 - any build failure skips the column
+        print(f"cuda column skipped: {err}", file=sys.stderr)
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0]}"
 
 
 def _auto_path(pl, tokens: int, k: int, dev: torch.device, dtype: torch.dtype) -> str:
@@ -118,7 +136,7 @@ def measure_peaks(timer: Timer, dev: torch.device) -> dict[str, float]:
 
 
 def bench_forward(timer: Timer, dev: torch.device, dtype: torch.dtype, d: int, k: int,
-                  tokens: int, kp, pl) -> dict[str, Any]:
+                  tokens: int, kp, pl, ext: Any = None) -> dict[str, Any]:
     g = torch.Generator(device=dev).manual_seed(tokens * 1000 + k)
     sets = []
     for _ in range(N_ROT if timer.gpu else 1):
@@ -138,11 +156,13 @@ def bench_forward(timer: Timer, dev: torch.device, dtype: torch.dtype, d: int, k
         "auto": lambda s: pl.projected_linear(s["x"], s["V"], s["W"], s["b"]),
         "dense": lambda s: F.linear(s["x"], s["Wd"], s["b"]),
     }
+    if ext is not None:
+        calls["cuda"] = lambda s: ext.projected_linear(s["x"], s["V"], s["W"], s["b"])
     times = timer({name: _rotating(fn, sets) for name, fn in calls.items()})
     s0 = sets[0]
     ref = F.linear(s0["x"].double() @ s0["V"].double(), s0["W"].double(), s0["b"].double())
     errs = {}
-    for name in ("torch2", "tile", "split_rank", "auto"):
+    for name in ("torch2", "tile", "split_rank", "auto", "cuda"):
         if isinstance(times.get(name), float):
             y = calls[name](s0).double()
             errs[name] = ((y - ref).norm() / ref.norm()).item()
@@ -205,7 +225,7 @@ def bench_sweep(timer: Timer, dev: torch.device, dtype: torch.dtype, d: int, k: 
 
 
 def bench_fwd_bwd(timer: Timer, dev: torch.device, dtype: torch.dtype, d: int, k: int,
-                  tokens: int, pl) -> dict[str, Any]:
+                  tokens: int, pl, ext: Any = None) -> dict[str, Any]:
     g = torch.Generator(device=dev).manual_seed(7 + tokens)
     x = torch.randn(tokens, d, device=dev, generator=g).to(dtype).requires_grad_()
     V = (torch.randn(d, k, device=dev, generator=g) / d ** 0.5).to(dtype).requires_grad_()
@@ -219,6 +239,8 @@ def bench_fwd_bwd(timer: Timer, dev: torch.device, dtype: torch.dtype, d: int, k
     for v in ("tile", "split_rank"):
         fns[f"fn_{v}"] = (lambda v=v: pl.projected_linear_triton(x, V, W, b, variant=v)
                           .backward(gy))
+    if ext is not None:
+        fns["cuda"] = lambda: pl.projected_linear(x, V, W, b, backend="cuda").backward(gy)
     times = timer(fns, grad_to_none=[x, V, W, b])
     return {"tokens": tokens, "d_in": d, "d_out": d, "k": k,
             "dtype": str(dtype).replace("torch.", ""), "times_s": times,
@@ -294,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     info["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
     if hasattr(_common, "gpu_info"):  # GPU name, capability, SMs, memory, CUDA version
         info["gpu"] = _common.gpu_info()
+    ext, ext_why = _cuda_ext()
+    info["cuda_ext"] = ext_why or "built"
     peaks = measure_peaks(timer, dev)
     if peaks:
         print(f"measured peaks: {peaks['bf16_matmul_tflops']:.0f} TFLOP/s bf16 GEMM, "
@@ -302,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k in ranks:
         for m in tokens:
-            rows.append(bench_forward(timer, dev, dtype, d, k, m, kp, pl))
+            rows.append(bench_forward(timer, dev, dtype, d, k, m, kp, pl, ext))
     headers = ["k", "tokens", "torch2 us", "tile us", "split us", "auto us", "auto",
                "dense us", "tile x", "split x", "auto x", "best TFLOP/s", "best GB/s",
                "max err"]
@@ -322,8 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nforward, {str(dtype).replace('torch.', '')}, d_in = d_out = {d} "
           f"(x = torch2 time / path time; > 1 means faster than two torch matmuls)")
     print_table(headers, table)
+    if ext is not None:
+        print("\ncuda backend (C++ extension), same inputs (x = torch2 time / cuda time)")
+        print_table(["k", "tokens", "torch2 us", "cuda us", "cuda x", "cuda TFLOP/s",
+                     "cuda GB/s", "cuda err"],
+                    [[r["k"], r["tokens"], _fmt_us(r["times_s"].get("torch2")),
+                      _fmt_us(r["times_s"].get("cuda")),
+                      _ratio(r["times_s"].get("torch2"), r["times_s"].get("cuda")),
+                      r["rates"].get("cuda", {}).get("tflops", "-"),
+                      r["rates"].get("cuda", {}).get("gbs", "-"),
+                      r["rel_err_vs_fp64"].get("cuda", "-")] for r in rows])
+    else:
+        print(f"\ncuda backend: skipped ({ext_why})")
 
-    fb_rows = [bench_fwd_bwd(timer, dev, dtype, d, ranks[0], m, pl) for m in fb_tokens]
+    fb_rows = [bench_fwd_bwd(timer, dev, dtype, d, ranks[0], m, pl, ext) for m in fb_tokens]
     print(f"\nforward + backward, k = {ranks[0]} (x = torch time / path time)")
     fb_table = []
     for r in fb_rows:
@@ -335,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
                          _ratio(t.get("torch"), t.get("fn_split_rank"))])
     print_table(["tokens", "torch us", "auto us", "auto", "Fn[tile] us", "Fn[split] us",
                  "auto x", "tile x", "split x"], fb_table)
+    if ext is not None:
+        print_table(["tokens", "torch us", "cuda us", "cuda x"],
+                    [[r["tokens"], _fmt_us(r["times_s"].get("torch")),
+                      _fmt_us(r["times_s"].get("cuda")),
+                      _ratio(r["times_s"].get("torch"), r["times_s"].get("cuda"))]
+                     for r in fb_rows])
 
     sweep = []
     if not args.no_sweep:
@@ -371,8 +413,18 @@ def main(argv: list[str] | None = None) -> int:
             summary.append({"shape": f"fwd M={r['tokens']} d={d} k={r['k']}",
                             "rmtkd_s": t["auto"], "baseline_s": t["torch2"],
                             "note": ", ".join(notes)})
+    for r in rows:
+        t = r["times_s"]
+        if isinstance(t.get("cuda"), float) and isinstance(t.get("torch2"), float):
+            summary.append({"shape": f"cuda fwd M={r['tokens']} d={d} k={r['k']}",
+                            "rmtkd_s": t["cuda"], "baseline_s": t["torch2"],
+                            "note": "C++ extension, fused kernel"})
     for r in fb_rows:
         t = r["times_s"]
+        if isinstance(t.get("cuda"), float) and isinstance(t.get("torch"), float):
+            summary.append({"shape": f"cuda fwd+bwd M={r['tokens']} d={d} k={r['k']}",
+                            "rmtkd_s": t["cuda"], "baseline_s": t["torch"],
+                            "note": "C++ forward, torch GEMM backward"})
         if isinstance(t.get("auto"), float) and isinstance(t.get("torch"), float):
             summary.append({"shape": f"fwd+bwd M={r['tokens']} d={d} k={r['k']}",
                             "rmtkd_s": t["auto"], "baseline_s": t["torch"],

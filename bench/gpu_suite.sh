@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (it has torch, triton, cupy, ninja; nothing is downloaded):
-# install rmtkd in place, run the GPU tests, then the three GPU benchmarks, and print one
-# summary table last. Budget: under 8 minutes on an H100. Results: bench/results/*.json
+# install rmtkd in place, build the C++ extension (timed: the JIT build of csrc/, cached under
+# $RMTKD_CACHE or ~/.cache/rmtkd), run one small call of each CUDA op under compute-sanitizer
+# memcheck, run the GPU tests, then the three GPU benchmarks (torch, triton and cuda side by
+# side), and print one summary table last. Budget: under 8 minutes on an H100. Results: bench/results/*.json
 # (also copied to $OUT when that is set, as on the lent device machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +29,20 @@ step() {  # step NAME TIMEOUT CMD...
   [ $rc -eq 0 ] || status=1
 }
 
+step "build C++ extension" 240 python -c "
+import time
+t0 = time.perf_counter()
+from rmtkd.ops import cuda_ext
+path = cuda_ext.load_extension(with_cuda=True)
+print(f'rmtkd C++ extension: {path} built/loaded in {time.perf_counter() - t0:.1f} s')"
+sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null)
+if [ -n "$sanitizer" ]; then
+  # --report-api-errors no: torch's own start-up probes return CUDA errors it handles itself.
+  step "compute-sanitizer memcheck" 150 "$sanitizer" --tool memcheck --error-exitcode 1 \
+    --report-api-errors no python bench/sanitize_cuda.py
+else
+  echo "compute-sanitizer not found: memcheck step skipped"
+fi
 step "GPU tests" 150 python -m pytest -q -m gpu -p no:cacheprovider tests
 step "bench covariance" 100 python bench/bench_covariance.py
 step "bench projected linear" 100 python bench/bench_projected_linear.py

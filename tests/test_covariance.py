@@ -346,8 +346,8 @@ def test_constructor_checks_and_backend(monkeypatch: pytest.MonkeyPatch) -> None
         CovarianceAccumulator(3, acc_dtype=torch.float16)
     assert CovarianceAccumulator(3).backend == "torch"
     assert CovarianceAccumulator(3, backend="torch").backend == "torch"
-    with pytest.raises(RuntimeError, match="cuda.*not implemented for covariance"):
-        CovarianceAccumulator(3, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run covariance on cpu"):
+        CovarianceAccumulator(3, backend="cuda", device="cpu")
     # Triton on CPU tensors only runs in its interpreter; otherwise a clear error.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -12,8 +12,11 @@ def test_auto_resolves_to_an_available_backend():
 
 
 def test_unimplemented_backend_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="not implemented for covariance"):
-        rmtkd.CovarianceAccumulator(4, backend="cuda")
+    with pytest.raises(RuntimeError, match="not implemented for spikes"):
+        resolve_backend("spikes", "triton", "cpu")
+    # implemented but not runnable here (CPU tensors): says why
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run covariance on cpu"):
+        rmtkd.CovarianceAccumulator(4, backend="cuda", device="cpu")
     with pytest.raises(ValueError, match="unknown backend"):
         resolve_backend("covariance", "numpy", "cpu")
 

@@ -176,8 +176,8 @@ def test_bad_inputs_are_clear_errors():
         ProjectedLinear(4, 0, 2)
     with pytest.raises(ValueError, match="unknown backend"):
         ProjectedLinear(4, 8, 2, backend="numpy")
-    with pytest.raises(RuntimeError, match="not implemented for projected_linear"):
-        ProjectedLinear(4, 8, 2, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run projected_linear on cpu"):
+        ProjectedLinear(4, 8, 2, backend="cuda")(torch.randn(3, 4))
     layer = ProjectedLinear(10, 4, 3)
     with pytest.raises(ValueError, match=r"expected input of shape \(\.\.\., 10\); got \(5, 9\)"):
         layer(torch.randn(5, 9))

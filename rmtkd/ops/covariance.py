@@ -27,6 +27,11 @@ rows are centred in fp32 and rounded back to their dtype for the tensor-core pro
 accumulator picks shifts for which that rounding is exact (see ``_shifted_gram_triton``), so
 the result is as accurate as the torch path's. It runs on CUDA tensors, or on CPU tensors
 under ``TRITON_INTERPRET=1`` (tests). Both backends share the merge path below.
+
+``cuda`` (float32 accumulation, CUDA tensors): the same per-batch step with the C++
+extension's ``rmtkd::covariance_update`` (csrc/covariance.cu: upper tiles of the shifted Gram
+matrix and the column sums in one pass, mask read in the kernel, fp16/bf16 on the tensor
+cores), with the same shift choice as the triton backend and the same merge.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ import torch
 from scipy.linalg import blas as _blas
 
 from ._dispatch import register_backend, resolve_backend, triton_runnable
+from .cuda_ext import cuda_runnable
 
 __all__ = ["CovarianceAccumulator", "CovarianceStats", "NonFiniteInputError", "merge_moments"]
 
@@ -267,6 +273,35 @@ register_backend("covariance", "triton", _triton_available)
 _AUTO_TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def _cuda_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    if dtype != torch.float32:
+        return False, (f"the CUDA covariance kernel accumulates in float32 only, got "
+                       f"acc_dtype={dtype}; use backend='torch' for float64 accumulation")
+    return cuda_runnable(device)
+
+
+# No GPU has measured the CUDA kernel yet (bench/bench_covariance.py has the column), so
+# backend="auto" never picks it: it runs only when asked for by name, for every input dtype.
+register_backend("covariance", "cuda", _cuda_available, auto=False)
+
+
+def _shifted_gram_cuda(x2d: torch.Tensor, shift: torch.Tensor, keep: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G, s)`` of the kept rows of ``x2d - shift`` from one ``rmtkd::covariance_update``
+    call: G's upper triangle (the lower one stays zero) and the column sums, float32."""
+    from .cuda_ext import load_extension
+
+    load_extension(with_cuda=True)
+    d = x2d.shape[1]
+    if x2d.shape[0] > 1 and x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    g = torch.zeros(d, d, dtype=torch.float32, device=x2d.device)
+    s = torch.zeros(d, dtype=torch.float32, device=x2d.device)
+    keep = keep.contiguous() if keep is not None else None
+    torch.ops.rmtkd.covariance_update(x2d, shift.float().contiguous(), keep, g, s)
+    return g, s
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_kernels() -> Any:
     """``rmtkd.kernels.covariance``, imported on first use (importing it imports Triton)."""
@@ -395,7 +430,8 @@ class CovarianceAccumulator:
     def _shifted_gram_triton(self, x2d: torch.Tensor, keep: torch.Tensor | None, m: int
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shifted Gram matrix (upper triangle valid), column sums of the kept rows and the
-        shift used, ``(G, s, shift)``, from one Triton launch that reads the mask itself.
+        shift used, ``(G, s, shift)``, from one Triton launch that reads the mask itself (or,
+        for the cuda backend, one ``rmtkd::covariance_update`` call with the same contract).
 
         The shift is the running mean (the first batch's own mean), except for fp16/bf16 rows,
         which the kernel centres in fp32 and rounds back to their dtype for the tensor-core
@@ -428,6 +464,9 @@ class CovarianceAccumulator:
             rounded = shift.clamp(-top, top).to(x2d.dtype).to(acc)
             shift = kshift = torch.where(shift.square() < 64 * var, torch.zeros_like(shift),
                                          rounded)
+        if self.backend == "cuda":  # same contract, the C++ extension's kernel
+            g, s = _shifted_gram_cuda(x2d, kshift, keep)
+            return g, s, shift
         g, s, _ = _triton_kernels().shifted_gram(x2d, kshift, keep, rows_used=m,
                                                  shift_exact=True)  # (ignored for fp32)
         return g, s, shift
@@ -451,7 +490,8 @@ class CovarianceAccumulator:
         if m == 0:
             return self
         acc = self.acc_dtype
-        if self.backend == "triton" and (not self._auto or x2d.dtype in _AUTO_TRITON_DTYPES):
+        if self.backend == "cuda" or (self.backend == "triton" and (
+                not self._auto or x2d.dtype in _AUTO_TRITON_DTYPES)):
             g, s, shift = self._shifted_gram_triton(x2d, keep, m)
         else:  # torch: see _cpu_method on CPU, plain matmuls elsewhere
             if keep is not None:

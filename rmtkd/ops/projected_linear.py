@@ -21,8 +21,14 @@ Backends:
   Where the fused kernel does not pay (rank above ``FUSED_MAX_RANK``, or more rows than
   ``FUSED_MAX_TOKENS``), the triton backend runs the same two GEMMs as the torch backend.
 
+- ``cuda``: the C++ extension's ``rmtkd::projected_linear`` (csrc/projected_linear.cu: ``t``
+  on chip, rank <= 256; above that, the two GEMMs of the torch backend). Its backward is
+  registered with the op (``rmtkd.ops.cuda_ext``): torch GEMMs, ``t = x @ V`` recomputed for
+  ``grad_W``.
+
 ``auto`` picks ``torch`` (measured faster on the GPU, see the constants below); ``triton``
-runs when asked for by name or through ``RMTKD_BACKEND`` (see ``rmtkd.ops._dispatch``).
+and ``cuda`` run when asked for by name or through ``RMTKD_BACKEND`` (see
+``rmtkd.ops._dispatch``).
 """
 from __future__ import annotations
 
@@ -32,8 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import _always, register_backend, resolve_backend, triton_runnable
+from .cuda_ext import MAX_RANK as CUDA_MAX_RANK
+from .cuda_ext import cuda_runnable
 
-__all__ = ["projected_linear", "projected_linear_triton", "choose_variant",
+__all__ = ["projected_linear", "projected_linear_triton", "projected_linear_cuda",
+           "choose_variant",
            "FUSED_MAX_RANK", "FUSED_MAX_TOKENS", "SPLIT_RANK_MAX_TOKENS"]
 
 # --- dispatch (set from bench/bench_projected_linear.py on the GPU) ------------------------
@@ -64,6 +73,17 @@ def _triton_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, s
 
 register_backend("projected_linear", "torch", _always)
 register_backend("projected_linear", "triton", _triton_available, auto=False)
+
+
+def _cuda_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    if dtype not in _TRITON_DTYPES:
+        return False, f"the CUDA kernel takes float32/float16/bfloat16, not {dtype}"
+    return cuda_runnable(device)
+
+
+# No GPU has measured the CUDA kernel yet (bench/bench_projected_linear.py has the column), so
+# "auto" never picks it; it runs when asked for by name.
+register_backend("projected_linear", "cuda", _cuda_available, auto=False)
 
 _RESOLVED: dict[tuple, str] = {}
 
@@ -134,7 +154,8 @@ def projected_linear(x: torch.Tensor, V: torch.Tensor, W: torch.Tensor,
         V: (d_in, k) projection (e.g. orthonormal columns), x's dtype.
         W: (d_out, k) weight in the projected space, x's dtype.
         bias: (d_out,) or None, x's dtype.
-        backend: ``"auto"`` (default; ``RMTKD_BACKEND`` if set), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (default; ``RMTKD_BACKEND`` if set), ``"torch"``, ``"triton"`` or
+            ``"cuda"``.
             An unavailable backend raises; it is never replaced silently.
 
     Returns:
@@ -164,7 +185,21 @@ def _dispatch(x, V, W, bias, backend):
     be = _resolve(backend, x.device, x.dtype)
     if be == "torch":
         return _torch_reference(x, V, W, bias)
+    if be == "cuda":
+        return projected_linear_cuda(x, V, W, bias)
     return projected_linear_triton(x, V, W, bias)
+
+
+def projected_linear_cuda(x: torch.Tensor, V: torch.Tensor, W: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The cuda backend (no availability check): the fused CUDA kernel for rank <=
+    ``CUDA_MAX_RANK``, else the torch reference; differentiable (backward: torch GEMMs)."""
+    if V.shape[1] > CUDA_MAX_RANK:
+        return _torch_reference(x, V, W, bias)
+    from .cuda_ext import load_extension
+
+    load_extension(with_cuda=True)
+    return torch.ops.rmtkd.projected_linear(x, V, W, bias)
 
 
 def projected_linear_triton(x: torch.Tensor, V: torch.Tensor, W: torch.Tensor,

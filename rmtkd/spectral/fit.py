@@ -3,16 +3,20 @@
 ``analyze(eigenvalues, n)`` fits a known spectrum; ``spikes(cov, n)`` starts from a covariance
 matrix and, for large d, finds the spikes with the randomized block Krylov solver without
 ever computing the full spectrum (the noise level then comes from the trace moments).
+The randomized solver has two backends: ``torch`` (rmtkd/ops/eigen.py, a Python loop over torch
+ops) and ``cuda`` (csrc/eigen.cpp: the same loop and threshold in one C++ call).
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..ops._dispatch import _always, register_backend, resolve_backend
 from .estimators import (DEFAULT_MARGIN, FULL_SPECTRUM_ESTIMATORS, Spectrum, fit_noise,
                          resolve_estimator)
 from .mp import mp_cdf, mp_edges
@@ -22,6 +26,21 @@ SOLVERS = ("auto", "full", "randomized")
 # solver="auto" uses the randomized solver from this width on: below it a full eigh is as
 # fast (measured in bench/bench_spikes_cpu.py, see BENCHMARKS.md).
 RANDOMIZED_MIN_DIM = 1024
+
+
+def _cuda_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    if dtype not in (torch.float32, torch.float64):
+        return False, f"the C++ solver takes float32/float64 covariances, not {dtype}"
+    from ..ops.cuda_ext import cuda_runnable
+
+    return cuda_runnable(device)
+
+
+register_backend("spikes", "torch", _always)
+# backend="cuda" runs the randomized solver's loop in C++ (csrc/eigen.cpp, rmtkd::krylov_top).
+# No GPU has measured it yet (bench/bench_eigen.py has the column), so "auto" never picks it:
+# it runs only when asked for by name.
+register_backend("spikes", "cuda", _cuda_available, auto=False)
 
 
 @dataclass
@@ -80,21 +99,26 @@ def _to_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _threshold_fn(margin: float | str, d: int, n: int):
-    """sigma2 -> detection threshold: lambda_+ scaled by (1 + margin), or a Tracy-Widom
-    quantile of the largest null eigenvalue for margin='tw' / 'tw:p' (p defaults to 0.95)."""
+def _threshold_unit(margin: float | str, d: int, n: int) -> float:
+    """The detection threshold at sigma2 = 1: lambda_+ scaled by (1 + margin), or a
+    Tracy-Widom quantile of the largest null eigenvalue for margin='tw' / 'tw:p' (p defaults
+    to 0.95), never below lambda_+. The threshold is linear in sigma2."""
+    lp = mp_edges(d / n, 1.0)[1]
     if isinstance(margin, str):
         name, _, level = margin.partition(":")
         if name != "tw":
             raise ValueError(f"margin must be a float >= 0, 'tw' or 'tw:<p>', got {margin!r}")
         p = float(level) if level else 0.95
-        unit = largest_eigenvalue_quantile(p, d, n, 1.0)
-        lp = mp_edges(d / n, 1.0)[1]
-        return lambda s2: s2 * max(unit, lp)
+        return max(largest_eigenvalue_quantile(p, d, n, 1.0), lp)
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    lp = mp_edges(d / n, 1.0)[1]
-    return lambda s2: s2 * lp * (1.0 + float(margin))
+    return lp * (1.0 + float(margin))
+
+
+def _threshold_fn(margin: float | str, d: int, n: int):
+    """sigma2 -> detection threshold, ``sigma2 * _threshold_unit(margin, d, n)``."""
+    unit = _threshold_unit(margin, d, n)
+    return lambda s2: s2 * unit
 
 
 def _check_n(n: int, d: int) -> int:
@@ -172,20 +196,37 @@ def analyze(eigenvalues: Any, n: int, *, estimator: str = "auto",
     return _make_fit(spec, d, estimator, margin, tau, "full", None, {"degenerate": drop})
 
 
+def _spikes_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """resolve_backend for spikes; a process-wide RMTKD_BACKEND naming a backend that spikes
+    does not implement (triton: the solver has no Triton kernel) leaves it on auto."""
+    req = (backend or "auto").strip().lower()
+    if req == "auto" and os.environ.get("RMTKD_BACKEND", "auto").strip().lower() == "triton":
+        req = "torch"
+    return resolve_backend("spikes", req, device, dtype)
+
+
 def spikes(cov: Any, n: int, *, estimator: str = "auto",
-           margin: float | str = DEFAULT_MARGIN, solver: str = "auto", tau: float = 0.5, seed: int = 0) -> SpectrumFit:
+           margin: float | str = DEFAULT_MARGIN, solver: str = "auto", tau: float = 0.5,
+           seed: int = 0, backend: str | None = "auto") -> SpectrumFit:
     """Spikes of a sample covariance above the Marchenko-Pastur bulk, with their eigenvectors.
 
-    cov: (d, d) symmetric covariance, torch tensor (fp32/fp64, any device) or NumPy array.
-    n: samples behind it. solver: 'full' (eigh), 'randomized' (block Krylov, needs the
-    'moments' estimator, never the full spectrum) or 'auto' (randomized for d >=
-    RANDOMIZED_MIN_DIM when the estimator allows, else full). Returns a SpectrumFit whose
+    cov: (d, d) symmetric covariance, torch tensor (fp32/fp64, any device), NumPy array or
+    CuPy array. n: samples behind it. solver: 'full' (eigh), 'randomized' (block Krylov, needs
+    the 'moments' estimator, never the full spectrum) or 'auto' (randomized for d >=
+    RANDOMIZED_MIN_DIM when the estimator allows, else full). backend: the randomized
+    solver's: 'auto' (RMTKD_BACKEND if set, else torch), 'torch' (Python loop) or 'cuda' (the
+    loop in C++, CUDA tensors; by name it implies the randomized solver, through RMTKD_BACKEND
+    it serves the solves that run randomized). Returns a SpectrumFit whose
     eigenvectors (d, k) have the type of ``cov``.
     """
     from ..ops.eigen import block_krylov_top
 
     is_numpy = not isinstance(cov, torch.Tensor)
-    c = torch.as_tensor(np.asarray(cov)) if is_numpy else cov.detach()
+    dlpack = is_numpy and not isinstance(cov, np.ndarray) and hasattr(cov, "__dlpack__")
+    if dlpack:  # CuPy (or another DLPack array): zero-copy, results in the caller's type
+        c, is_numpy = torch.from_dlpack(cov).detach(), False
+    else:
+        c = torch.as_tensor(np.asarray(cov)) if is_numpy else cov.detach()
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
         raise ValueError(f"cov must be a square (d, d) matrix, got shape {tuple(c.shape)}")
     if not c.is_floating_point():
@@ -201,6 +242,13 @@ def spikes(cov: Any, n: int, *, estimator: str = "auto",
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     estimator = resolve_estimator(estimator)
+    be = _spikes_backend(backend, c.device, c.dtype)
+    if be == "cuda" and (backend or "auto").strip().lower() == "cuda":
+        if solver == "full" or estimator in FULL_SPECTRUM_ESTIMATORS:
+            raise ValueError(f"backend='cuda' runs the randomized solver (estimator 'moments'), "
+                             f"got solver={solver!r}, estimator={estimator!r}; use "
+                             f"backend='torch' for a full eigendecomposition")
+        solver = "randomized"  # asked for by name: the C++ loop at any d
     if solver == "randomized" and estimator in FULL_SPECTRUM_ESTIMATORS:
         raise ValueError(f"solver='randomized' never computes the full spectrum, which "
                          f"estimator {estimator!r} needs; use estimator='moments' or "
@@ -222,6 +270,10 @@ def spikes(cov: Any, n: int, *, estimator: str = "auto",
             full = vecs.new_zeros(d, vecs.shape[1])
             full[idx] = vecs
             vecs = full
+        if dlpack:
+            from ..ops.cuda_ext import _like
+
+            return _like(vecs, cov)
         return vecs.cpu().numpy() if is_numpy else vecs
 
     if da < 2:
@@ -236,7 +288,15 @@ def spikes(cov: Any, n: int, *, estimator: str = "auto",
             spec = Spectrum(top=np.clip(vals, 0.0, None), trace=trace, d=da, n=n, full=False)
             return thr_of(fit_noise(spec, estimator, thr_of, tau=tau)[0])
 
-        res = block_krylov_top(ca, threshold_of, seed=seed)
+        if be == "cuda":  # the same loop and threshold in one C++ call
+            from ..ops.covariance import _ieee_fp32_matmul
+            from ..ops.cuda_ext import krylov_top
+
+            with _ieee_fp32_matmul():  # no TF32 in the products with C
+                res = krylov_top(ca, unit=_threshold_unit(margin, da, n), trace=trace,
+                                 d_alive=da, n=n, tau=tau, seed=seed)
+        else:
+            res = block_krylov_top(ca, threshold_of, seed=seed)
         info.update(basis_size=res.basis_size, matvecs=res.matvecs)
         if res.converged:
             top = np.clip(res.values, 0.0, None)
