@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .capture import Site, collect_statistics, find_sites
+from .capture.sites import batch_size, fit_samples
 from .spectral import SpectrumFit, spikes
 from .spectral.estimators import DEFAULT_MARGIN
 
@@ -22,6 +23,7 @@ def analyze_model(
     margin: float | str = DEFAULT_MARGIN,
     solver: str = "auto",
     acc_dtype: torch.dtype = torch.float32,
+    conv_samples: str = "images",
     progress: bool = True,
 ) -> dict[str, SpectrumFit]:
     """Fit the Marchenko-Pastur bulk and find the spikes at every site of ``model``.
@@ -59,7 +61,25 @@ def analyze_model(
         raise ValueError("no sites to analyse: the model has no nn.Linear/nn.Conv2d with a "
                          "hidden input of >= 2 features; name modules explicitly with sites=")
     # An iterator is read once (put the first batch back); a collection is read again.
-    data = chain([first], it) if it is batches else batches
+    data = _Counting(chain([first], it) if it is batches else batches)
     stats = collect_statistics(model, data, chosen, acc_dtype=acc_dtype, progress=progress)
-    return {name: spikes(s.cov, s.n, estimator=estimator, margin=margin, solver=solver)
+    by_name = {s.name: s for s in chosen}
+    return {name: spikes(s.cov, fit_samples(by_name[name], s.n, data.samples, conv_samples),
+                         estimator=estimator, margin=margin, solver=solver)
             for name, s in stats.items()}
+
+
+class _Counting:
+    """Iterates ``data`` once per pass, counting its samples (``batch_size`` of each batch)."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data, self.samples = data, 0
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]  # TypeError for a generator
+
+    def __iter__(self):
+        self.samples = 0
+        for batch in self.data:
+            self.samples += batch_size(batch)
+            yield batch

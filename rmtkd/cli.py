@@ -2,7 +2,8 @@
 
     rmtkd analyze --example digits-mlp [--out DIR]
     rmtkd analyze --model model.pt --data data.npy [--out DIR] [--sites 'blocks.*.fc2']
-    rmtkd compress --example digits-mlp [--mode width|project] [--out DIR] [--epsilon E]
+    rmtkd compress --example digits-mlp|mnist-cnn|minilm [--mode width|project] [--out DIR]
+    rmtkd compress --model model.pt --data data.pt [--config job.toml] [--out DIR] [--resume]
 
 Errors the user can fix print one line ``rmtkd: error: ...`` to stderr and exit with code 2.
 """
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="auto", choices=SOLVERS, help="eigen solver")
     p.add_argument("--acc-dtype", default="float32", choices=("float32", "float64"),
                    help="covariance accumulation dtype")
+    p.add_argument("--conv-samples", default="images", choices=("images", "positions"),
+                   help="what the fit of a conv site counts as samples: the images (default; "
+                   "the positions of one image are strongly correlated) or every position")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.add_argument("--seed", type=int, default=0, help="random seed (example training, solver)")
@@ -79,49 +83,54 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Causal RMT-KD: for each site, calibrate, keep the spike "
                        "directions above the Marchenko-Pastur edge, cut the layer, distil from "
                        "the model as it was before the step; a step that costs more than "
-                       "--epsilon accuracy points is rolled back. Writes a report directory.")
-    c.add_argument("--example", metavar="NAME", required=True,
-                   help="a built-in example (teacher trained here, labelled data): digits-mlp "
-                   "(--model/--data jobs come later)")
-    c.add_argument("--mode", default="width", choices=("width", "project"),
+                       "--epsilon metric points on the validation data is rolled back. Writes "
+                       "a report directory with the compressed model (rmtkd.load reads it).")
+    job = c.add_mutually_exclusive_group()
+    job.add_argument("--example", metavar="NAME",
+                     help="a built-in example, offline: digits-mlp, mnist-cnn (teachers "
+                     "trained here), minilm (pretrained all-MiniLM-L6-v2, task embedding)")
+    job.add_argument("--model", metavar="PATH", type=Path,
+                     help="a module saved with torch.save(model, FILE), or a directory "
+                     "written by rmtkd.save; needs --data")
+    c.add_argument("--data", metavar="DATA",
+                   help="labelled data: a .pt file holding a dict with 'train' (required), "
+                   "'val', 'test' and 'calib' (optional), each an (inputs, labels) tuple of "
+                   "tensors, a dict of tensors (model keyword arguments, e.g. input_ids, "
+                   "attention_mask, labels) or an inputs tensor (task embedding); or "
+                   "'module:function' returning such a dict (values may be DataLoaders)")
+    c.add_argument("--config", metavar="TOML", type=Path,
+                   help="job file: top-level model, data, out, batch_size and a [compress] "
+                   "table of rmtkd.CompressConfig fields; command-line options win")
+    c.add_argument("--mode", choices=("width", "project"),
                    help="width: narrower dense layers (the paper's); project: low-rank "
                    "ProjectedLinear consumers (default: width)")
     c.add_argument("--out", metavar="DIR", type=Path,
-                   help="report directory (default: reports/<example>-compress)")
-    c.add_argument("--epsilon", type=float, default=CompressConfig.epsilon,
-                   help="largest accuracy drop in points against the original model before "
+                   help="report directory (default: reports/<example or model>-compress)")
+    c.add_argument("--epsilon", type=float,
+                   help="largest metric drop in points against the original model before "
                    f"a step is rolled back (default {CompressConfig.epsilon})")
-    c.add_argument("--estimator", default="auto", choices=("auto", *ESTIMATORS),
+    c.add_argument("--task", choices=("classification", "embedding"),
+                   help="classification (logits and labels) or embedding (match the "
+                   "original outputs); default classification, embedding for minilm")
+    c.add_argument("--estimator", choices=("auto", *ESTIMATORS),
                    help="noise-level estimator (default: auto)")
-    c.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN,
+    c.add_argument("--margin", type=_margin,
                    help="threshold = lambda_+ (1 + margin), or 'tw' / 'tw:<p>' "
                    f"(default {DEFAULT_MARGIN!r}; 0 is the paper's plain lambda_+)")
-    c.add_argument("--solver", default="auto", choices=SOLVERS, help="eigen solver")
+    c.add_argument("--solver", choices=SOLVERS, help="eigen solver (default: auto)")
+    c.add_argument("--conv-samples", choices=("images", "positions"),
+                   help="what the fit of a conv site counts as samples (default: images)")
+    c.add_argument("--batch-size", type=int,
+                   help="batch size for --data tensors (default 64)")
     c.add_argument("--quiet", action="store_true", help="no progress bars and no step table")
     c.add_argument("--force", action="store_true", help="replace an existing report directory")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted job from its last finished step (the "
                    "checkpoint kept in .<DIR>.checkpoint next to --out DIR; same arguments)")
-    c.add_argument("--seed", type=int, default=0,
-                   help="random seed (example training, calibration subset, distillation)")
+    c.add_argument("--seed", type=int,
+                   help="random seed (example training, calibration subset, distillation; "
+                   "default 0)")
     return parser
-
-
-def _load_model(path: Path) -> torch.nn.Module:
-    if not path.is_file():
-        raise UsageError(f"model file {path} does not exist")
-    try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"cannot unpickle the model in {path} ({e}); the module that defines "
-                         f"its class must be importable (check PYTHONPATH)") from e
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UsageError(f"cannot read the model file {path}: {e}") from e
-    if not isinstance(model, torch.nn.Module):
-        hint = " (a state_dict?)" if isinstance(model, dict) else ""
-        raise UsageError(f"{path} holds a {type(model).__name__}{hint}, not a torch.nn.Module; "
-                         f"save the whole module with torch.save(model, path)")
-    return model
 
 
 def _load_array(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -201,7 +210,9 @@ def _run_analyze(args: argparse.Namespace) -> int:
     else:
         if args.data is None:
             raise UsageError("--model needs --data (the calibration inputs)")
-        model = _load_model(args.model)
+        from .job import load_model
+
+        model = load_model(args.model)
         files = _data_files(args.data)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                      torch.float32)
@@ -215,9 +226,11 @@ def _run_analyze(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} already exists; pass --force to replace it")
     fits = analyze_model(model, batches, sites=args.sites, estimator=args.estimator,
                          margin=args.margin, solver=args.solver,
-                         acc_dtype=getattr(torch, args.acc_dtype), progress=not args.quiet)
+                         acc_dtype=getattr(torch, args.acc_dtype),
+                         conv_samples=args.conv_samples, progress=not args.quiet)
     meta.update(estimator=args.estimator, margin=args.margin, solver=args.solver,
-                acc_dtype=args.acc_dtype, seed=args.seed, sites=list(fits))
+                acc_dtype=args.acc_dtype, conv_samples=args.conv_samples, seed=args.seed,
+                sites=list(fits))
     path = write_analysis_report(out, fits, meta=meta, force=args.force)
     if not args.quiet:
         print(format_table(fits))
@@ -225,71 +238,148 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_compress(args: argparse.Namespace) -> int:
-    from .compress import CompressConfig, compress, format_history, latency_ms
-    from .compress import write_compress_report
-    from .examples import EXAMPLE_DATA
+def _compress_config(args: argparse.Namespace, job: dict, example_defaults: dict) -> Any:
+    """Defaults < the example's settings < the job file's [compress] < command-line flags."""
+    from .compress import CompressConfig
+    from .job import config_fields
 
-    torch.manual_seed(args.seed)
-    if args.example not in EXAMPLE_DATA:
-        raise UsageError(f"unknown example {args.example!r}; available: "
-                         f"{', '.join(EXAMPLE_DATA)}")
-    out = args.out if args.out is not None else Path("reports") / f"{args.example}-compress"
-    if out.exists() and not args.force:
-        raise UsageError(f"{out} already exists; pass --force to replace it")
-    quiet = args.quiet
-    ckpt = _checkpoint_dir(out)
-    model, meta = _example_teacher(args, ckpt)
-    train, evals = EXAMPLE_DATA[args.example](seed=args.seed)
-    config = CompressConfig(mode=args.mode, estimator=args.estimator, margin=args.margin,
-                            solver=args.solver, epsilon=args.epsilon, seed=args.seed,
-                            progress=not quiet)
+    fields = {**example_defaults, **config_fields(job.get("compress", {}), "[compress]")}
+    for flag in ("mode", "epsilon", "task", "estimator", "margin", "solver", "seed",
+                 "conv_samples"):
+        if getattr(args, flag) is not None:
+            fields[flag] = getattr(args, flag)
+    fields["progress"] = not args.quiet
+    try:
+        config = CompressConfig(**fields)
+        config.validate()
+    except TypeError as e:
+        raise UsageError(f"bad compress settings: {e}") from e
+    return config
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    import shutil
     import time
 
+    from .compress import compress, evaluate, format_history, write_compress_report
+    from .job import read_job_file
+
+    job = read_job_file(args.config) if args.config is not None else {}
+    if args.example is not None and ("model" in job or "data" in job):
+        raise UsageError("--example runs a built-in job; drop model/data from the config file")
+    model_path = args.model if args.model is not None else job.get("model")
+    data_spec = args.data if args.data is not None else job.get("data")
+    if args.example is None and model_path is None:
+        raise UsageError("give --example NAME, or --model PATH with --data (or a --config "
+                         "file naming them)")
+    if args.example is not None and args.data is not None:
+        raise UsageError("--data goes with --model, not with --example")
+    if model_path is not None and data_spec is None:
+        raise UsageError("--model needs --data (the labelled training data)")
+    seed = args.seed if args.seed is not None else job.get("compress", {}).get("seed", 0)
+    torch.manual_seed(seed)
+    stem = args.example if args.example is not None else Path(model_path).stem
+    out = args.out or job.get("out") or Path("reports") / f"{stem}-compress"
+    out = Path(out)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    ckpt = _checkpoint_dir(out)
+    if args.example is not None:
+        from .examples import EXAMPLE_COMPRESS, EXAMPLE_DATA
+
+        if args.example not in EXAMPLE_DATA:
+            raise UsageError(f"unknown example {args.example!r}; available: "
+                             f"{', '.join(EXAMPLE_DATA)}")
+        config = _compress_config(args, job, EXAMPLE_COMPRESS.get(args.example, {}))
+        model, meta = _example_teacher(args.example, seed, args.resume, args.quiet, ckpt)
+        train, val, test = EXAMPLE_DATA[args.example](seed=seed)
+        splits = {"train": train, "val": val, "test": test}
+    else:
+        from .job import load_model, load_splits
+
+        config = _compress_config(args, job, {})
+        model = load_model(Path(model_path))
+        batch = args.batch_size or job.get("batch_size", 64)
+        splits = load_splits(str(data_spec), batch)
+        meta = {"model": str(model_path), "data": str(data_spec), "batch_size": batch}
+        if ckpt.exists() and not args.resume:
+            shutil.rmtree(ckpt)
+    val = splits.get("val", splits.get("test", splits["train"]))
+    test = splits.get("test", val)
     t0 = time.perf_counter()
-    result = compress(model, train, eval_data=evals, config=config,
-                      checkpoint_dir=ckpt / "steps", resume=args.resume)
+    result = compress(model, splits["train"], eval_data=val, calib_data=splits.get("calib"),
+                      config=config, checkpoint_dir=ckpt / "steps", resume=args.resume)
     seconds = time.perf_counter() - t0
-    example = next(iter(evals))[0][:1]
-    lat_before = latency_ms(model, example)
-    lat_after = latency_ms(result.model, example)
-    summary = {
+    reference = model if config.task == "embedding" else None
+    test_before = evaluate(model, test, task=config.task, reference=reference, what="test")
+    test_after = evaluate(result.model, test, task=config.task, reference=reference,
+                          what="test")
+    meta["calibration"] = (
+        "the 'calib' split" if "calib" in splits else
+        f"seeded {config.calib_fraction:.0%} subset of the training split, the same at every "
+        f"step")
+    meta["evaluation"] = (
+        ("validation split decides the epsilon roll-backs; the test split is reported"
+         if "val" in splits else
+         "no validation split: the roll-backs were decided on the reported split")
+        if "test" in splits else "one split for the roll-backs and the report")
+    meta.update(config={k: v for k, v in config.to_dict().items() if k != "progress"},
+                threads=torch.get_num_threads(), cpu=_cpu_name())
+    summary = _summary(model, result, test, test_before, test_after, seconds)
+    path = write_compress_report(out, result, meta=meta, summary=summary, force=args.force)
+    shutil.rmtree(ckpt, ignore_errors=True)   # the job is complete
+    if not args.quiet:
+        print(format_history(result.history))
+        print()
+    for k, v in summary["table"].items():
+        print(f"{k}: {v}")
+    print(f"report: {path / 'index.md'}")
+    return 0
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, after: float,
+             seconds: float) -> dict:
+    """The report's summary: parameters, size on disk, metric on the test split, CPU
+    latency at batch size 1 (median of 200 passes), before and after."""
+    from .compress import first_sample, latency_ms, saved_size
+
+    example = first_sample(test)
+    lat_before, lat_after = latency_ms(model, example), latency_ms(result.model, example)
+    size_before, size_after = saved_size(model), saved_size(result)
+    mb = lambda b: f"{b / 2**20:.2f} MiB" if b is not None else "n/a"  # noqa: E731
+    table = {
         "parameters": f"{result.original_params:,} -> {result.final_params:,} "
                       f"({100 * result.reduction:.1f}% fewer)",
-        result.metric_name + " (held-out)":
-            f"{result.original_metric:.2f} -> {result.final_metric:.2f} "
-            f"({result.final_metric - result.original_metric:+.2f} points)",
+        "size on disk (rmtkd.save)": f"{mb(size_before)} -> {mb(size_after)}",
+        result.metric_name + " (test)":
+            f"{before:.2f} -> {after:.2f} ({after - before:+.2f} points)",
+        result.metric_name + " (validation)":
+            f"{result.original_metric:.2f} -> {result.final_metric:.2f}",
         "CPU latency, batch 1 (median of 200)":
             f"{lat_before:.4f} ms -> {lat_after:.4f} ms ({lat_before / lat_after:.2f}x)",
         "steps": f"{len(result.history)} tried: " + ", ".join(
             f"{r.site} {r.status}" for r in result.history),
         "compression time": f"{seconds:.1f} s",
     }
-    n_calib = next(iter(result.fits.values())).n if result.fits else 0
-    meta["calibration"] = (f"seeded {config.calib_fraction:.0%} subset of the training set "
-                           f"({n_calib} samples), the same at every step")
-    meta["evaluation"] = ("held-out test split; it also decides the epsilon roll-backs "
-                          "(no separate validation split yet)")
-    meta.update(mode=args.mode, estimator=args.estimator, margin=args.margin,
-                solver=args.solver, epsilon=args.epsilon, seed=args.seed,
-                threads=torch.get_num_threads())
-    summary_json = {**summary, "original_params": result.original_params,
-                    "final_params": result.final_params, "reduction": result.reduction,
-                    "original_metric": result.original_metric,
-                    "final_metric": result.final_metric, "latency_ms_before": lat_before,
-                    "latency_ms_after": lat_after, "seconds": seconds}
-    path = write_compress_report(out, result, meta=meta, summary=summary_json,
-                                 force=args.force)
-    import shutil
-
-    shutil.rmtree(ckpt, ignore_errors=True)   # the job is complete
-    if not quiet:
-        print(format_history(result.history))
-        print()
-    for k, v in summary.items():
-        print(f"{k}: {v}")
-    print(f"report: {path / 'index.md'}")
-    return 0
+    return {"table": table, "original_params": result.original_params,
+            "final_params": result.final_params, "reduction": result.reduction,
+            "test_metric_before": before, "test_metric_after": after,
+            "val_metric_before": result.original_metric,
+            "val_metric_after": result.final_metric, "bytes_before": size_before,
+            "bytes_after": size_after, "latency_ms_before": lat_before,
+            "latency_ms_after": lat_after, "seconds": seconds}
 
 
 def _checkpoint_dir(out: Path) -> Path:
@@ -298,7 +388,8 @@ def _checkpoint_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.checkpoint"
 
 
-def _example_teacher(args: argparse.Namespace, ckpt: Path) -> tuple[torch.nn.Module, dict]:
+def _example_teacher(example: str, seed: int, resume: bool, quiet: bool, ckpt: Path
+                     ) -> tuple[torch.nn.Module, dict]:
     """The example's trained teacher and metadata. The teacher is kept in the checkpoint
     (``ckpt/teacher`` in the rmtkd.save format, ``ckpt/job.json``) so that ``--resume``
     does not train it again; without --resume an old checkpoint is discarded."""
@@ -309,18 +400,18 @@ def _example_teacher(args: argparse.Namespace, ckpt: Path) -> tuple[torch.nn.Mod
     from .examples import EXAMPLES
     from .io import load, save
 
-    job = {"example": args.example, "seed": args.seed}
-    if args.resume and (ckpt / "job.json").is_file() and (ckpt / "teacher").is_dir():
+    job = {"example": example, "seed": seed}
+    if resume and (ckpt / "job.json").is_file() and (ckpt / "teacher").is_dir():
         saved = json.loads((ckpt / "job.json").read_text())
         if saved.get("job") != job:
             raise UsageError(f"cannot --resume: the checkpoint {ckpt} belongs to a job with "
                              f"{saved.get('job')}, not {job}; drop --resume to start afresh")
         return load(ckpt / "teacher"), saved["meta"]
-    if args.resume and not args.quiet:
+    if resume and not quiet:
         print(f"rmtkd: no checkpoint in {ckpt}; starting from the beginning", file=sys.stderr)
     if ckpt.exists():
         shutil.rmtree(ckpt)
-    model, _, meta = EXAMPLES[args.example](seed=args.seed, progress=not args.quiet)
+    model, _, meta = EXAMPLES[example](seed=seed, progress=not quiet)
     ckpt.mkdir(parents=True)
     save(model, ckpt / "teacher")
     tmp = ckpt / ".job.json.tmp"

@@ -19,6 +19,10 @@ The architecture is rebuilt without the original training code: every module mus
 ``nn.Module`` subclass whose ``__init__`` only registers children and whose ``forward`` uses
 them (e.g. :class:`rmtkd.examples.DigitsMLP`, ``forward(x) = self.net(x)``), keyed by a stable
 name and rebuilt as that class with the saved children. :func:`register_wrapper` adds one.
+A wrapper's child may be a Hugging Face BERT model (one of :data:`HF_ARCHITECTURES`, e.g.
+:class:`rmtkd.examples.minilm.SentenceEncoder`'s ``.bert``): it is stored as an ``"hf"`` node
+holding its class name, dtype and config dict (with the recorded per-layer widths, as in
+the ``"rmtkd-hf"`` format below) and rebuilt as that ``transformers`` class.
 Anything else raises :class:`UnsupportedModelError` listing what is supported.
 
 Hugging Face BERT models (format ``"rmtkd-hf"``, detected by duck typing: ``model.config``
@@ -145,11 +149,17 @@ def _digits_mlp() -> type:
     return DigitsMLP
 
 
+def _sentence_encoder() -> type:
+    from .examples.minilm import SentenceEncoder
+    return SentenceEncoder
+
+
 # Known wrappers: stable name -> class getter. A wrapper is rebuilt as
 # ``cls.__new__(cls)`` + ``nn.Module.__init__`` + its saved children, so its ``forward`` must
 # only use those children (no other attributes set in ``__init__``).
 WRAPPERS: dict[str, Callable[[], type]] = {
     "rmtkd.examples.DigitsMLP": _digits_mlp,
+    "rmtkd.examples.SentenceEncoder": _sentence_encoder,
 }
 
 
@@ -202,6 +212,9 @@ def architecture_spec(model: nn.Module) -> dict:
                 raise UnsupportedModelError(f"{where} ({leaf}) has unexpected child modules "
                                             f"{extra}; {_supported_text()}")
             return {"type": leaf, "args": _LEAVES[leaf][1](m)}
+        if path and is_hf_model(m):   # a Hugging Face BERT model inside a wrapper
+            return {"type": "hf", "hf_class": type(m).__name__, "config": _hf_check(m),
+                    "dtype": str(_float_dtype(m) or "").removeprefix("torch.") or None}
         if type(m) is nn.Sequential:
             kind = "Sequential"
         else:
@@ -229,6 +242,16 @@ def build_from_spec(spec: dict) -> nn.Module:
                 raise CorruptModelError(f"plan.json: {path!r} refers to unknown module "
                                         f"{s.get('target')!r}")
             return built[s["target"]]
+        if kind == "hf":   # a Hugging Face model nested in a wrapper (architecture_spec)
+            dtype = getattr(torch, str(s.get("dtype")), None) if s.get("dtype") else None
+            try:
+                m = _hf_build(_hf_class(s.get("hf_class")), s.get("config") or {},
+                              dtype if isinstance(dtype, torch.dtype) else None)
+            except (ValueError, TypeError, KeyError) as e:
+                raise CorruptModelError(f"plan.json: cannot rebuild {s.get('hf_class')} at "
+                                        f"{path!r} from its config: {e}") from e
+            built[path] = m
+            return m
         if kind in _LEAVES:
             args = dict(s.get("args", {}))
             m = _LEAVES[kind][0]()(**{k: tuple(v) if isinstance(v, list)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import rmtkd
 from rmtkd import CompressConfig, CompressionResult, compress
 from rmtkd.capture import CalibrationError
 from rmtkd.cli import main
@@ -21,7 +22,7 @@ from rmtkd.nn import ProjectedLinear
 def digits():
     """(trained DigitsMLP, train batches, held-out batches)."""
     model, _ = train_digits_mlp(seed=0, progress=False)
-    train, test = digits_mlp_data(seed=0)
+    train, _, test = digits_mlp_data(seed=0)
     return model, train, test
 
 
@@ -162,10 +163,14 @@ def test_cli_compress_writes_report(tmp_path: Path, capsys):
     assert report["summary"]["final_params"] < report["summary"]["original_params"]
     for h in report["history"]:
         assert (out / h["plot"]).stat().st_size > 10_000
+    assert "size on disk" in printed and "(test)" in printed and "(validation)" in printed
     index = (out / "index.md").read_text()
-    assert "net.fc2:input" in index and "save/load" in index
-    state = torch.load(out / "model.pt", weights_only=True)
-    assert sum(v.numel() for v in state.values()) == report["final_params"]
+    assert "net.fc2:input" in index and "rmtkd.load" in index and "size on disk" in index
+    loaded = rmtkd.load(out / "model")
+    assert sum(p.numel() for p in loaded.parameters()) == report["final_params"]
+    s = report["summary"]
+    assert 0 < s["bytes_after"] < s["bytes_before"]
+    assert s["latency_ms_before"] > 0 and s["latency_ms_after"] > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
     with pytest.raises(SystemExit) as e:

@@ -23,14 +23,14 @@ def data():
 
 def test_data_shapes_dtypes_split_and_standardisation(data):
     Xtr, ytr, Xte, yte = data
-    assert Xtr.shape == (4000, 1, 28, 28) and Xte.shape == (1000, 1, 28, 28)
+    assert Xtr.shape == (3600, 1, 28, 28) and Xte.shape == (1000, 1, 28, 28)
     assert Xtr.dtype == Xte.dtype == torch.float32
-    assert ytr.dtype == yte.dtype == torch.int64 and ytr.shape == (4000,)
+    assert ytr.dtype == yte.dtype == torch.int64 and ytr.shape == (3600,)
     # Standardised with the training set's statistics (one mean/std: one channel).
     assert abs(Xtr.mean().item()) < 1e-4 and abs(Xtr.std().item() - 1.0) < 1e-3
     assert abs(Xte.mean().item()) < 0.1
-    # Stratified: 400 / 100 of each class.
-    assert torch.bincount(ytr).tolist() == [400] * 10
+    # Stratified: 360 / 100 of each class (and 40 in the validation split).
+    assert torch.bincount(ytr).tolist() == [360] * 10
     assert torch.bincount(yte).tolist() == [100] * 10
     # Seeded: same seed same split, another seed another split.
     assert torch.equal(load_mnist_data(seed=0)[3], yte)
@@ -127,8 +127,9 @@ def test_short_training_beats_chance_and_is_deterministic():
 def test_registered_for_analyze_and_compress(monkeypatch):
     assert EXAMPLES["mnist-cnn"] is mnist_cnn_example
     assert EXAMPLE_DATA["mnist-cnn"] is mnist_cnn_data
-    train, evals = EXAMPLE_DATA["mnist-cnn"](seed=0)
-    assert sum(len(y) for _, y in train) == 4000 and sum(len(y) for _, y in evals) == 1000
+    train, val, test = EXAMPLE_DATA["mnist-cnn"](seed=0)
+    assert [sum(len(y) for _, y in s) for s in (train, val, test)] == [3600, 400, 1000]
+    assert torch.bincount(torch.cat([y for _, y in val])).tolist() == [40] * 10
     x, y = train[0]
     assert x.shape == (64, 1, 28, 28) and y.dtype == torch.int64
     # The example's calibration batches come from the training set (training stubbed out).

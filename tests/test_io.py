@@ -28,7 +28,7 @@ def test_compressed_digits_mlp_round_trip(tmp_path):
     torch.set_num_threads(1)   # tiny matrices: one thread is fastest on a busy machine
     try:
         model, _ = train_digits_mlp(seed=0, epochs=3, progress=False)
-        train, evals = digits_mlp_data(seed=0)
+        train, _, evals = digits_mlp_data(seed=0)
         res = rmtkd.compress(model, train, eval_data=evals, config=rmtkd.CompressConfig(
             progress=False, distill_epochs=1, warmup_steps=5, epsilon=100.0))
     finally:

@@ -45,7 +45,7 @@ DRIVER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return r
     C.write_checkpoint, io.write_model_dir = wc, wm
-    train, evals = digits_mlp_data(seed=0)
+    train, _, evals = digits_mlp_data(seed=0)
     cfg = rmtkd.CompressConfig(seed=3, progress=False, distill_epochs=1, warmup_steps=5,
                                epsilon=100.0)
     res = rmtkd.compress(rmtkd.load(teacher), train, eval_data=evals, config=cfg,
@@ -110,7 +110,7 @@ def test_killed_and_resumed_matches_uninterrupted(teacher, reference, tmp_path, 
 def test_resume_with_other_config_is_refused(teacher, tmp_path):
     from rmtkd.examples import digits_mlp_data
 
-    train, evals = digits_mlp_data(seed=0)
+    train, _, evals = digits_mlp_data(seed=0)
     cfg = rmtkd.CompressConfig(seed=3, progress=False, distill_epochs=0, max_steps=1)
     rmtkd.compress(rmtkd.load(teacher), train, eval_data=evals, config=cfg,
                    checkpoint_dir=tmp_path / "ck")
@@ -151,8 +151,8 @@ def test_cli_kill_and_resume(tmp_path):
         r = subprocess.run(_cli(out, "--resume"), env=ENV, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 0, r.stderr
-    a = torch.load(full / "model.pt", weights_only=True)
-    b = torch.load(out / "model.pt", weights_only=True)
+    a = rmtkd.load(full / "model").state_dict()
+    b = rmtkd.load(out / "model").state_dict()
     assert list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not ckpt.exists()

@@ -122,7 +122,10 @@ def collect_accumulators(
             handles.append(mod.register_forward_pre_hook(input_hook(s), with_kwargs=True)
                            if s.where == "input" else mod.register_forward_hook(output_hook(s)))
         model.eval()
-        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        try:
+            total = len(batches)  # type: ignore[arg-type]
+        except TypeError:   # a generator, or a wrapper around one
+            total = None
         if max_batches is not None and total is not None:
             total = min(total, max_batches)
         with torch.no_grad():

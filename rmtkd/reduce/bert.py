@@ -10,10 +10,12 @@ BERT copies (RoBERTa, ELECTRA, ...). Two sites per layer ``P`` are supported:
 1. Feed-forward inner width, site = input of ``P.output.dense`` (after intermediate.dense
    and its GELU), d = current intermediate width.
 
-   * ``width``: ``P.intermediate.dense`` gets k outputs (``U^T W1``, ``U^T b1``) and
-     ``P.output.dense`` k inputs (``W2 U``, ``b2 + W2 (I - U U^T) mean``). The GELU sits
-     between, so this is an approximation that self-distillation recovers; with k = d and a
-     permutation basis it is exact (GELU commutes with permutations). BertIntermediate and BertOutput just call the Linear, so the
+   * ``width``: ``P.intermediate.dense`` gets k outputs and ``P.output.dense`` k inputs,
+     with the maps of :func:`rmtkd.reduce.plan.width_maps`: through the GELU a reduction
+     carrying units keeps k of the intermediate units (``W1[S]``, ``b1[S]``; consumer
+     ``W2 R``, ``b2 + W2 (mean - R mean_S)``), else it rotates (``U^T W1``, ``U^T b1``;
+     ``W2 U``, ``b2 + W2 (I - U U^T) mean``). Both approximate what the GELU does to the
+     dropped directions, which self-distillation recovers; with k = d both are exact. BertIntermediate and BertOutput just call the Linear, so the
      HF module runs unchanged.
    * ``project``: ``P.output.dense`` -> :class:`rmtkd.nn.ProjectedLinear` (the generic
      Linear path), an exact rank-k projection of the site.
@@ -71,7 +73,7 @@ import torch
 from torch import nn
 
 from ..nn import ProjectedLinear
-from .plan import Reduction, UnsupportedModuleError, residual_mean
+from .plan import Reduction, UnsupportedModuleError, width_maps
 
 BERT_SUPPORTED = (
     "BERT encoder layers (Hugging Face BertLayer structure): the feed-forward inner width, "
@@ -219,15 +221,14 @@ def width_bert_ffn(model: nn.Module, reduction: Reduction, layer_name: str
         raise ValueError(f"Reduction {reduction.site!r}: the feed-forward width of "
                          f"{layer_name!r} is {cons.in_features} but the reduction has "
                          f"d={reduction.d}")
-    U = _f64(reduction.basis)
+    P, R, c, _ = width_maps(reduction, nonlinear=True)   # the GELU sits between
     w1, w2 = _f64(prod.weight), _f64(cons.weight)
-    b1 = None if prod.bias is None else U.T @ _f64(prod.bias)
+    b1 = None if prod.bias is None else P @ _f64(prod.bias)
     b2 = None if cons.bias is None else _f64(cons.bias)
-    r = residual_mean(reduction)
-    if r is not None:
-        b2 = w2 @ r if b2 is None else b2 + w2 @ r
-    return {f"{pre}intermediate.dense": _linear(U.T @ w1, b1, prod),
-            f"{pre}output.dense": _linear(w2 @ U, b2, cons)}
+    if c is not None:
+        b2 = w2 @ c if b2 is None else b2 + w2 @ c
+    return {f"{pre}intermediate.dense": _linear(P @ w1, b1, prod),
+            f"{pre}output.dense": _linear(w2 @ R, b2, cons)}
 
 
 def head_bases(basis: torch.Tensor, num_heads: int, head_size: int, *,

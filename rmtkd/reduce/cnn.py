@@ -7,8 +7,9 @@ weight ``U^T`` (k x d x 1 x 1) and ``conv'`` the conv with k input channels, wei
 ``width`` (ResNet block inner channels): producer conv -> BatchNorm2d -> activation ->
 consumer conv. The BN is folded into the producer with its running (eval) statistics and
 replaced by ``nn.Identity`` (the block then trains without that BN); the producer's output
-channels are cut with ``U^T`` and the consumer's input channels contracted with ``U``, bias
-corrected as in ``project``. A consumer without bias gains one when a mean is given.
+channels are mapped with P and the consumer's input channels contracted with R, bias
+corrected with c (:func:`rmtkd.reduce.plan.width_maps`: rotate onto U, or, through the
+activation, select k channels). A consumer without bias gains one when a mean is given.
 
 Exactness: for site activations in ``mean + span(U)`` both modes are exact in eval mode
 (width mode only when no nonlinearity acts between; with ReLU it approximates), except at
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .plan import (ELEMENTWISE, PASSTHROUGH, SUPPORTED, Reduction, UnsupportedModuleError,
-                   modules_before, residual_mean)
+                   modules_before, residual_mean, width_maps)
 
 
 def project_conv(conv: nn.Conv2d, reduction: Reduction) -> nn.Sequential:
@@ -30,7 +31,8 @@ def project_conv(conv: nn.Conv2d, reduction: Reduction) -> nn.Sequential:
     _check_groups(conv, reduction.module_name)
     U = reduction.basis.detach().to(torch.float64).cpu()
     proj = _conv(U.T[:, :, None, None], None, conv, stride=1, padding=0, dilation=1)
-    return nn.Sequential(proj, _consumer(conv, reduction)).train(conv.training)
+    return nn.Sequential(proj, _consumer(conv, U, residual_mean(reduction))).train(
+        conv.training)
 
 
 def width_conv(model: nn.Module, reduction: Reduction) -> dict[str, nn.Module]:
@@ -39,35 +41,38 @@ def width_conv(model: nn.Module, reduction: Reduction) -> dict[str, nn.Module]:
     name = reduction.module_name
     consumer = model.get_submodule(name)
     _check_groups(consumer, name)
-    prod_name, producer, bn_name, bn = find_conv_producer(model, name)
+    prod_name, producer, bn_name, bn, nonlinear = find_conv_producer(model, name)
     if producer.out_channels != reduction.d:
         raise UnsupportedModuleError(
             f"width reduction of {name!r}: producer {prod_name!r} has "
             f"{producer.out_channels} output channels but the site has d={reduction.d}")
     w1, b1 = fold_bn(producer, bn) if bn is not None else (_f64(producer.weight),
                                                             _bias(producer))
-    U = reduction.basis.detach().to(torch.float64).cpu()
-    w1 = torch.einsum("cj,c...->j...", U, w1)
-    b1 = None if b1 is None else U.T @ b1
-    out = {prod_name: _conv(w1, b1, producer), name: _consumer(consumer, reduction)}
+    P, R, c, _ = width_maps(reduction, nonlinear)
+    w1 = torch.einsum("jc,c...->j...", P, w1)
+    b1 = None if b1 is None else P @ b1
+    out = {prod_name: _conv(w1, b1, producer), name: _consumer(consumer, R, c)}
     if bn_name is not None:
         out[bn_name] = nn.Identity()
     return out
 
 
 def find_conv_producer(model: nn.Module, name: str
-                       ) -> tuple[str, nn.Conv2d, str | None, nn.BatchNorm2d | None]:
-    """``(producer name, producer, BN name, BN)`` for the chain producer conv ->
-    [BatchNorm2d] -> [elementwise]* -> ``name``. Outside an nn.Sequential (where module
-    order is only the registration order) the BatchNorm2d is required."""
+                       ) -> tuple[str, nn.Conv2d, str | None, nn.BatchNorm2d | None, bool]:
+    """``(producer name, producer, BN name, BN, nonlinear)`` for the chain producer conv ->
+    [BatchNorm2d] -> [elementwise]* -> ``name``; nonlinear: an elementwise nonlinearity
+    sits in the chain. Outside an nn.Sequential (where module order is only the
+    registration order) the BatchNorm2d is required."""
     before, ordered = modules_before(model, name)
     bn_name, bn = None, None
+    nonlinear = False
     for prev_name, prev in before:
         if isinstance(prev, nn.Conv2d):
             if bn is None and not ordered:
                 break
             _check_groups(prev, prev_name)
-            return prev_name, prev, bn_name, bn
+            return prev_name, prev, bn_name, bn, nonlinear
+        nonlinear = nonlinear or isinstance(prev, ELEMENTWISE)
         if isinstance(prev, nn.BatchNorm2d) and bn is None:
             bn_name, bn = prev_name, prev
         elif bn is not None or not isinstance(prev, ELEMENTWISE + PASSTHROUGH):
@@ -96,16 +101,15 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Te
     return _f64(conv.weight) * scale[:, None, None, None], bias
 
 
-def _consumer(conv: nn.Conv2d, reduction: Reduction) -> nn.Conv2d:
-    """``conv`` with input channels contracted with U and the mean correction in its bias."""
-    U = reduction.basis.detach().to(torch.float64).cpu()
+def _consumer(conv: nn.Conv2d, R: torch.Tensor, c: torch.Tensor | None) -> nn.Conv2d:
+    """``conv`` with input channels contracted with R (d x k, float64) and the offset c
+    (d,) of the rebuilt input in its bias."""
     w = _f64(conv.weight)
     bias = _bias(conv)
-    r = residual_mean(reduction)
-    if r is not None:
-        shift = w.sum(dim=(2, 3)) @ r
+    if c is not None:
+        shift = w.sum(dim=(2, 3)) @ c
         bias = shift if bias is None else bias + shift
-    return _conv(torch.einsum("oc...,cj->oj...", w, U), bias, conv)
+    return _conv(torch.einsum("oc...,cj->oj...", w, R), bias, conv)
 
 
 def _check_groups(conv: nn.Module, name: str) -> None:

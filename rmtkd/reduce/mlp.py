@@ -1,11 +1,15 @@
 """Surgery on nn.Linear consumers: ``project`` (-> ProjectedLinear) and ``width`` (MLPs).
 
 Width mode, producer ``h = W1 x + b1`` (d outputs) -> elementwise ops -> consumer
-``y = W2 a + b2`` (site ``a``, d inputs):
-``W1' = U^T W1, b1' = U^T b1`` (k outputs) and ``W2' = W2 U, b2' = b2 + W2 r`` with
-``r = (I - U U^T) mean``. Exact when nothing nonlinear sits between (e.g. Dropout in eval)
-and ``a`` lies in ``mean + span(U)``; through an elementwise nonlinearity it is an
-approximation (self-distillation recovers it).
+``y = W2 a + b2`` (site ``a``, d inputs), with the maps P, R, c of
+:func:`rmtkd.reduce.plan.width_maps`: ``W1' = P W1, b1' = P b1`` (k outputs) and
+``W2' = W2 R, b2' = b2 + W2 c``.
+
+* rotate (P = U^T, R = U, c = (I - U U^T) mean): exact when nothing nonlinear sits between
+  (e.g. Dropout in eval) and ``a`` lies in ``mean + span(U)``.
+* select (through an elementwise nonlinearity): the k kept units pass through it
+  unchanged; the error is that of predicting the other units linearly from them, which
+  self-distillation then recovers.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from torch import nn
 
 from ..nn import ProjectedLinear
 from .plan import (ELEMENTWISE, FEATURE_NORMS, PASSTHROUGH, SUPPORTED, Reduction,
-                   UnsupportedModuleError, modules_before, residual_mean)
+                   UnsupportedModuleError, modules_before, residual_mean, width_maps)
 
 
 def project_linear(linear: nn.Linear, reduction: Reduction) -> ProjectedLinear:
@@ -42,31 +46,31 @@ def width_linear(model: nn.Module, reduction: Reduction) -> dict[str, nn.Module]
     """
     name = reduction.module_name
     consumer = model.get_submodule(name)
-    prod_name, producer = find_linear_producer(model, name)
+    prod_name, producer, nonlinear = find_linear_producer(model, name)
     if producer.out_features != reduction.d:
         raise UnsupportedModuleError(
             f"width reduction of {name!r}: producer {prod_name!r} has {producer.out_features} "
             f"outputs but the site has d={reduction.d} features")
-    U = reduction.basis.detach().to(torch.float64).cpu()
+    P, R, c, _ = width_maps(reduction, nonlinear)
     w1, w2 = _f64(producer.weight), _f64(consumer.weight)
-    new_prod = _linear(U.T @ w1, None if producer.bias is None else U.T @ _f64(producer.bias),
+    new_prod = _linear(P @ w1, None if producer.bias is None else P @ _f64(producer.bias),
                        producer)
-    r = residual_mean(reduction)
     b2 = None if consumer.bias is None else _f64(consumer.bias)
-    if r is not None:
-        b2 = w2 @ r if b2 is None else b2 + w2 @ r
-    return {prod_name: new_prod, name: _linear(w2 @ U, b2, consumer)}
+    if c is not None:
+        b2 = w2 @ c if b2 is None else b2 + w2 @ c
+    return {prod_name: new_prod, name: _linear(w2 @ R, b2, consumer)}
 
 
-def find_linear_producer(model: nn.Module, name: str) -> tuple[str, nn.Linear]:
-    """The nn.Linear whose output (through elementwise modules only) is ``name``'s input."""
+def find_linear_producer(model: nn.Module, name: str) -> tuple[str, nn.Linear, bool]:
+    """The nn.Linear whose output (through elementwise modules only) is ``name``'s input:
+    ``(name, module, whether an elementwise nonlinearity sits between)``."""
     before, ordered = modules_before(model, name)
     between: list[nn.Module] = []
     for prev_name, prev in before:
         if isinstance(prev, nn.Linear):
             if not ordered and not any(isinstance(m, ELEMENTWISE) for m in between):
                 break  # e.g. query/key/value side by side: not a chain
-            return prev_name, prev
+            return prev_name, prev, any(isinstance(m, ELEMENTWISE) for m in between)
         if isinstance(prev, FEATURE_NORMS):
             raise UnsupportedModuleError(
                 f"width reduction of {name!r}: {prev_name!r} ({type(prev).__name__}) between "

@@ -8,6 +8,14 @@ is ``mean`` (d,). :func:`rmtkd.reduce.reduce_site` applies it and returns a
 Both modes rely on the affine model ``x ~= mean + U U^T (x - mean)`` of the site's
 activation ``x``; a consumer with weight ``W`` then sees ``W U (U^T x) + W r`` with the
 residual mean ``r = (I - U U^T) mean``, which goes into its bias.
+
+Width mode through an elementwise nonlinearity (ReLU, GELU, BatchNorm + ReLU ...) cannot
+rotate: ``relu(U^T z) != U^T relu(z)``. There it *selects* k of the producer's units
+instead (:func:`select_units`): the k units that best span the spike subspace (pivoted
+Gram-Schmidt on the rows of U), kept unchanged, so the nonlinearity commutes exactly; the
+other units are predicted linearly from them, ``x ~= mean + R (x_S - mean_S)`` with the
+least-squares ``R = C[:, S] C[S, S]^-1`` from the site covariance C. The consumer then
+gets ``W R`` and ``b + W (mean - R mean_S)``. :func:`width_maps` gives either map.
 """
 from __future__ import annotations
 
@@ -18,6 +26,10 @@ import torch
 from torch import nn
 
 MODES = ("width", "project")
+# How width mode maps the site: "select" units (through a nonlinearity), "rotate" onto U
+# (exact where the producer -> consumer chain is linear), or "auto" (select exactly when
+# an elementwise nonlinearity sits between producer and consumer).
+SURGERIES = ("auto", "select", "rotate")
 
 SUPPORTED = (
     "mode='project': consumer nn.Linear (-> rmtkd.nn.ProjectedLinear) or nn.Conv2d with "
@@ -60,6 +72,11 @@ class Reduction:
         basis: (d, k) float tensor with orthonormal columns (the spike directions).
         mean: (d,) activation mean at the site (per channel for convolutions), or None for
             no bias correction.
+        units: (k,) int64 producer units kept by a selecting width reduction, or None
+            (rotate onto ``basis``); see :func:`select_units`.
+        reconstruction: (d, k) float ``R`` predicting the site from the kept units
+            (``x ~= mean + R (x_S - mean_S)``); required with ``units``.
+        surgery: one of SURGERIES; "select"/"auto" take effect only with ``units``.
     """
 
     site: str
@@ -69,6 +86,9 @@ class Reduction:
     k: int
     basis: torch.Tensor
     mean: torch.Tensor | None = None
+    units: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    surgery: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,24 +103,52 @@ class Reduction:
         if self.mean is not None and tuple(self.mean.shape) != (self.d,):
             raise ValueError(f"Reduction {self.site!r}: mean must have shape ({self.d},); "
                              f"got {tuple(self.mean.shape)}")
+        if self.surgery not in SURGERIES:
+            raise ValueError(f"Reduction {self.site!r}: surgery must be one of {SURGERIES}; "
+                             f"got {self.surgery!r}")
+        if (self.units is None) != (self.reconstruction is None):
+            raise ValueError(f"Reduction {self.site!r}: units and reconstruction go together")
+        if self.units is not None:
+            if tuple(self.units.shape) != (self.k,) or tuple(self.reconstruction.shape) != (
+                    self.d, self.k):
+                raise ValueError(
+                    f"Reduction {self.site!r}: units must have shape (k,) = ({self.k},) and "
+                    f"reconstruction (d, k) = ({self.d}, {self.k}); got "
+                    f"{tuple(self.units.shape)} and {tuple(self.reconstruction.shape)}")
+            if len(set(self.units.tolist())) != self.k or not (
+                    0 <= int(self.units.min()) and int(self.units.max()) < self.d):
+                raise ValueError(f"Reduction {self.site!r}: units must be k distinct indices "
+                                 f"in [0, {self.d})")
 
     @classmethod
-    def from_fit(cls, site: Any, fit: Any, stats: Any = None, mode: str = "width"
-                 ) -> "Reduction":
+    def from_fit(cls, site: Any, fit: Any, stats: Any = None, mode: str = "width",
+                 surgery: str = "auto") -> "Reduction":
         """Build from a ``Site``, its ``SpectrumFit`` (``k``, ``eigenvectors`` d x k) and
-        optionally its ``CovarianceStats`` (for ``mean``)."""
-        if site.where != "input":
-            raise ValueError(f"site {site.name!r}: only input sites can be reduced")
+        optionally its ``CovarianceStats`` (for ``mean``; in width mode with surgery
+        "auto"/"select" also for the unit selection)."""
         if fit.k < 1 or fit.eigenvectors is None:
             raise ValueError(f"site {site.name!r}: the fit has no spike directions (k={fit.k})")
         basis = torch.as_tensor(fit.eigenvectors)[:, : fit.k]
+        return cls.from_basis(site, basis, stats, mode, surgery)
+
+    @classmethod
+    def from_basis(cls, site: Any, basis: torch.Tensor, stats: Any = None,
+                   mode: str = "width", surgery: str = "auto") -> "Reduction":
+        """Like :meth:`from_fit` for a given (d, k) orthonormal basis."""
+        if site.where != "input":
+            raise ValueError(f"site {site.name!r}: only input sites can be reduced")
         mean = None if stats is None else torch.as_tensor(stats.mean)
-        return cls(site.name, site.module_name, mode, site.dim, fit.k, basis, mean)
+        units = recon = None
+        if mode == "width" and surgery != "rotate" and stats is not None:
+            units, recon = select_units(torch.as_tensor(stats.cov), basis)
+        return cls(site.name, site.module_name, mode, site.dim, basis.shape[1], basis, mean,
+                   units, recon, surgery)
 
     def to_dict(self) -> dict:
         """JSON-able record without the tensors."""
         return {"site": self.site, "module_name": self.module_name, "mode": self.mode,
-                "d": self.d, "k": self.k, "mean_corrected": self.mean is not None}
+                "d": self.d, "k": self.k, "mean_corrected": self.mean is not None,
+                "surgery": self.surgery if self.units is not None else "rotate"}
 
 
 @dataclass
@@ -126,6 +174,67 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule ``name`` of ``model`` by ``module``."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
+
+
+def select_units(cov: torch.Tensor, basis: torch.Tensor, *, ridge: float = 1e-6
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k units (rows of the d x k ``basis``) that best span its column space, and the
+    least-squares map predicting every unit from them.
+
+    Units are picked by pivoted Gram-Schmidt on the columns of ``basis^T`` (k x d): at each
+    step the unit whose row has the largest norm after removing the span of those already
+    picked (the pivots of a column-pivoted QR of U^T). ``R = C[:, S] (C[S, S] + lam I)^-1``
+    with ``lam = ridge * mean(diag C[S, S])`` (the regression of all units on the kept ones
+    under the site covariance ``cov`` (d x d, symmetric).
+
+    Returns:
+        ``(units (k,) int64 sorted, R (d, k) float64)``; ``R[S] ~= I``.
+    """
+    B = basis.detach().to(device="cpu", dtype=torch.float64)
+    d, k = B.shape
+    rows = B.clone()                      # residual of each unit's row (d x k)
+    picked: list[int] = []
+    for _ in range(k):
+        norms = rows.pow(2).sum(1)
+        if picked:
+            norms[picked] = -1.0
+        j = int(norms.argmax())
+        picked.append(j)
+        q = rows[j] / rows[j].norm().clamp_min(1e-300)
+        rows -= torch.outer(rows @ q, q)
+    S = torch.tensor(sorted(picked), dtype=torch.int64)
+    C = cov.detach().to(device="cpu", dtype=torch.float64)
+    css = C[S][:, S]
+    lam = ridge * float(css.diagonal().mean().clamp_min(1e-300))
+    R = torch.linalg.solve(css + lam * torch.eye(k, dtype=torch.float64), C[S].contiguous()).T
+    R[S] = torch.eye(k, dtype=torch.float64)   # kept units pass through unchanged
+    return S, R
+
+
+def width_maps(reduction: Reduction, nonlinear: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+    """How width mode maps the site, in float64 on the CPU: ``(P, R, c, how)``.
+
+    The producer's new outputs are ``P @ outputs`` (P: k x d); the consumer's input is
+    rebuilt as ``c + R @ new`` (R: d x k, c: (d,) or None), so the consumer becomes
+    ``W R`` with bias ``b + W c``. ``how`` is "select" (P picks the units, c = mean -
+    R mean_S) when the reduction carries units and its surgery is "select", or "auto" with
+    ``nonlinear`` (an elementwise nonlinearity between producer and consumer); else
+    "rotate" (P = U^T, R = U, c = (I - U U^T) mean).
+    """
+    if reduction.units is not None and (reduction.surgery == "select" or (
+            reduction.surgery == "auto" and nonlinear)):
+        S = reduction.units.detach().cpu()
+        P = torch.zeros(reduction.k, reduction.d, dtype=torch.float64)
+        P[torch.arange(reduction.k), S] = 1.0
+        R = reduction.reconstruction.detach().to(device="cpu", dtype=torch.float64)
+        c = None
+        if reduction.mean is not None:
+            m = reduction.mean.detach().to(device="cpu", dtype=torch.float64)
+            c = m - R @ m[S]
+        return P, R, c, "select"
+    U = reduction.basis.detach().to(device="cpu", dtype=torch.float64)
+    return U.T, U, residual_mean(reduction), "rotate"
 
 
 def residual_mean(reduction: Reduction) -> torch.Tensor | None:
