@@ -351,18 +351,15 @@ def _cpu_name() -> str:
 
 def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, after: float,
              seconds: float) -> dict:
-    """The report's summary: parameters, size on disk, metric on the test split, CPU
-    latency at batch size 1 (median of 200 passes), before and after."""
+    """The report's summary: parameters, metric on the test split, CPU latency at batch size
+    1 (median of 200 passes), before and after; the report adds the size on disk."""
     from .compress import first_sample, latency_ms, saved_size
 
     example = first_sample(test)
     lat_before, lat_after = latency_ms(model, example), latency_ms(result.model, example)
-    size_before, size_after = saved_size(model), saved_size(result)
-    mb = lambda b: f"{b / 2**20:.2f} MiB" if b is not None else "n/a"  # noqa: E731
     table = {
         "parameters": f"{result.original_params:,} -> {result.final_params:,} "
                       f"({100 * result.reduction:.1f}% fewer)",
-        "size on disk (rmtkd.save)": f"{mb(size_before)} -> {mb(size_after)}",
         result.metric_name + " (test)":
             f"{before:.2f} -> {after:.2f} ({after - before:+.2f} points)",
         result.metric_name + " (validation)":
@@ -377,8 +374,8 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
             "final_params": result.final_params, "reduction": result.reduction,
             "test_metric_before": before, "test_metric_after": after,
             "val_metric_before": result.original_metric,
-            "val_metric_after": result.final_metric, "bytes_before": size_before,
-            "bytes_after": size_after, "latency_ms_before": lat_before,
+            "val_metric_after": result.final_metric, "bytes_before": saved_size(model),
+            "latency_ms_before": lat_before,
             "latency_ms_after": lat_after, "seconds": seconds}
 
 

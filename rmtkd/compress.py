@@ -55,27 +55,30 @@ class CompressConfig:
     """Settings of :func:`compress` (defaults follow the paper, see PAPER.md).
 
     mode: "width" (the paper's: cut producer outputs and consumer inputs to k) or "project"
-    (consumer -> rmtkd.nn.ProjectedLinear / 1x1 projection conv). width_surgery: how width
-    mode cuts (:func:`rmtkd.reduce.plan.width_maps`): "rotate" onto the spike directions
-    (the paper's; exact for a linear producer -> consumer chain), "select" the k producer
-    units spanning them best (exact through an elementwise nonlinearity for the kept units)
-    or "auto" (select through a nonlinearity, rotate otherwise; the default: on the digits
-    MLP it keeps 95% accuracy right after the cut where rotating keeps 47%). estimator, margin, solver:
-    of :func:`rmtkd.spikes`. sites: fnmatch globs on module names (None: every hidden
-    Linear/Conv2d input). calib_fraction: share of the training data used to calibrate
-    (seeded, the same subset at every step). conv_samples: what the MP fit of a conv site
-    counts as samples, "images" (default) or "positions"
-    (:func:`rmtkd.capture.sites.fit_samples`). task: "classification" or "embedding".
-    alpha, temperature: of kd_loss. lr, warmup_steps, distill_epochs, distill_min_steps:
-    the distillation after each reduction step (:func:`rmtkd.distill.distill`: at least
-    distill_min_steps optimizer steps, so small data sets get more than 3 short epochs).
-    epsilon: largest allowed metric drop (points) against the
-    original model. rho_min: stop when k/d < rho_min. param_target: stop when parameters
-    <= param_target * original. max_steps: most reduction steps tried. on_violation:
-    "skip" or "stop" after a rolled-back step. rank_rule: how k is chosen at each site
-    (:mod:`rmtkd.rank_rules`): "mp" (the spikes above the Marchenko-Pastur threshold, the
-    paper's), or the heuristic baselines "energy:<f>" (top directions holding fraction f of
-    the variance) and "uniform:<r>" (k = max(1, round(r * d))).
+    (consumer -> rmtkd.nn.ProjectedLinear / 1x1 projection conv).
+    width_surgery: how width mode cuts (:func:`rmtkd.reduce.plan.width_maps`): "rotate"
+    onto the spike directions (the paper's; exact for a linear producer -> consumer chain),
+    "select" the k producer units spanning them best (the kept units pass an elementwise
+    nonlinearity unchanged) or "auto" (the default: select through a nonlinearity, rotate
+    otherwise; on the digits MLP it keeps 95% accuracy right after the cut, rotating 47%).
+    estimator, margin, solver: of :func:`rmtkd.spikes`.
+    sites: fnmatch globs on module names (None: every hidden Linear/Conv2d input).
+    calib_fraction: share of the training data used to calibrate (seeded, the same subset
+    at every step).
+    conv_samples: what the MP fit of a conv site counts as samples, "images" (default) or
+    "positions" (:func:`rmtkd.capture.sites.fit_samples`).
+    task: "classification" or "embedding". alpha, temperature: of kd_loss.
+    lr, warmup_steps, distill_epochs, distill_min_steps: the distillation after each
+    reduction step (:func:`rmtkd.distill.distill`: at least distill_min_steps optimizer
+    steps, so small data sets get more than 3 short epochs).
+    epsilon: largest allowed metric drop (points) against the original model.
+    rho_min: stop when k/d < rho_min. param_target: stop when parameters <= param_target *
+    original. max_steps: most reduction steps tried. on_violation: "skip" or "stop" after a
+    rolled-back step.
+    rank_rule: how k is chosen at each site (:mod:`rmtkd.rank_rules`): "mp" (the spikes
+    above the Marchenko-Pastur threshold, the paper's), or the heuristic baselines
+    "energy:<f>" (top directions holding fraction f of the variance) and "uniform:<r>"
+    (k = max(1, round(r * d))). BERT attention sites fit k per head.
     """
 
     mode: str = "width"
@@ -794,10 +797,13 @@ def saved_size(obj: Any) -> int | None:
 
     with tempfile.TemporaryDirectory(prefix="rmtkd-size-") as tmp:
         try:
-            path = save(obj, Path(tmp) / "model")
+            return _dir_bytes(save(obj, Path(tmp) / "model"))
         except UnsupportedModelError:
             return None
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _dir_bytes(path: Any) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 _STEP_COLUMNS = ("site", "d -> k", "estimator", "sigma^2", "lambda_+", "params before",
@@ -835,8 +841,10 @@ def write_compress_report(out_dir: Any, result: CompressionResult, *, meta: dict
     """Write report.json, index.md, one spectrum PNG per step and the compressed model
     (``model/``, the :func:`rmtkd.save` format; ``model.pt``, a pickled module, where that
     format cannot describe it) into ``out_dir``, atomically (a temporary sibling renamed at
-    the end). ``summary["table"]`` (optional) is a dict of printable lines. Raises
-    FileExistsError when ``out_dir`` exists and ``force`` is False."""
+    the end). ``summary["table"]`` (optional) is a dict of printable lines; the size on disk
+    of the saved model is added to ``summary`` (``bytes_after``, and the table line when
+    ``summary["bytes_before"]`` is set). Raises FileExistsError when ``out_dir`` exists and
+    ``force`` is False."""
     import json
     from pathlib import Path
 
@@ -849,6 +857,23 @@ def write_compress_report(out_dir: Any, result: CompressionResult, *, meta: dict
                               f"it, or choose another output directory")
     with atomic_directory(out) as tmp:
         files = _file_names([r.site for r in result.history])
+        from .io import UnsupportedModelError, save
+
+        try:
+            saved = save(result, tmp / "model")
+            summary["bytes_after"] = _dir_bytes(saved)
+            how = ("`model/` holds the compressed model in the rmtkd.save format (safetensors "
+                   "+ plan.json): `rmtkd.load('model')` rebuilds it without the original "
+                   "code or checkpoint.")
+        except UnsupportedModelError as e:
+            torch.save(result.model, tmp / "model.pt")
+            summary["bytes_after"] = None
+            how = (f"`model.pt` holds the pickled compressed module (torch.load; its classes "
+                   f"must be importable): rmtkd.save cannot describe it ({e}).")
+        if summary.get("bytes_before") is not None and summary["bytes_after"] is not None:
+            summary.setdefault("table", {})["size on disk (rmtkd.save)"] = (
+                f"{summary['bytes_before'] / 2**20:.2f} MiB -> "
+                f"{summary['bytes_after'] / 2**20:.2f} MiB")
         for r in result.history:
             if r.site in result.fits:
                 plot_site(tmp / files[r.site], r.site, result.fits[r.site])
@@ -856,17 +881,6 @@ def write_compress_report(out_dir: Any, result: CompressionResult, *, meta: dict
         report = {"meta": meta, "summary": summary, **result.to_dict(), "history": history,
                   "fits": {n: f.to_dict() for n, f in result.fits.items()}}
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
-        from .io import UnsupportedModelError, save
-
-        try:
-            save(result, tmp / "model")
-            how = ("`model/` holds the compressed model in the rmtkd.save format (safetensors "
-                   "+ plan.json): `rmtkd.load('model')` rebuilds it without the original "
-                   "code or checkpoint.")
-        except UnsupportedModelError as e:
-            torch.save(result.model, tmp / "model.pt")
-            how = (f"`model.pt` holds the pickled compressed module (torch.load; its classes "
-                   f"must be importable): rmtkd.save cannot describe it ({e}).")
         lines = ["# RMT-KD compression", ""]
         lines += [f"- **{k}**: {v}" for k, v in meta.items()]
         lines += ["", "## Summary", ""]
