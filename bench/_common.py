@@ -7,6 +7,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -134,3 +135,20 @@ def gpu_info() -> dict[str, Any]:
                     gpu_sm_count=p.multi_processor_count,
                     gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
     return info
+
+
+def cuda_extension_status() -> str:
+    """Why the C++ extension's CUDA ops cannot run here ("" if they can: it is then built
+    and loaded, and its ops are ``torch.ops.rmtkd``); a bench then skips its cuda column."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        from rmtkd.ops.cuda_ext import load_extension
+
+        load_extension(with_cuda=True)
+        return ""
+    except Exception as err:  # noqa: BLE001 - any build failure skips the column
+        print(f"cuda column skipped: {err}", file=sys.stderr)
+        return f"{type(err).__name__}: {str(err).splitlines()[0]}"

@@ -39,7 +39,8 @@ if not torch.cuda.is_available():  # must precede the first Triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (gpu_info, machine_info, median_interleaved, print_table,  # noqa: E402
+from _common import (cuda_extension_status, gpu_info, machine_info,  # noqa: E402
+                     median_interleaved, print_table,
                      write_json)
 
 from rmtkd.kernels import covariance as kc  # noqa: E402
@@ -49,18 +50,9 @@ CUDA = torch.cuda.is_available()
 
 
 def _cuda_ext() -> tuple[Any, str]:
-    """``(torch.ops.rmtkd, "")`` if the C++ extension builds and loads here, else
-    ``(None, why)``: the cuda column is then skipped."""
-    if not CUDA:
-        return None, "no CUDA device"
-    try:
-        from rmtkd.ops.cuda_ext import load_extension
-
-        load_extension(with_cuda=True)
-        return torch.ops.rmtkd, ""
-    except Exception as err:  # noqa: BLE001 - any build failure skips the column
-        print(f"cuda column skipped: {err}", file=sys.stderr)
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    """``(torch.ops.rmtkd, "")`` if the C++ extension builds and loads, else ``(None, why)``."""
+    why = cuda_extension_status()
+    return (None, why) if why else (torch.ops.rmtkd, "")
 
 
 def _timer(rep_ms: int) -> Callable[[Callable[[], Any]], float]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, print_table, write_json  # noqa: E402
+from _common import cuda_extension_status, machine_info, print_table, write_json  # noqa: E402
 
 import rmtkd  # noqa: E402
 from rmtkd.spectral import bbp_threshold  # noqa: E402
@@ -58,17 +58,8 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 
 def cuda_ext_status(device: torch.device) -> str:
-    """Why the solver's cuda backend cannot run on ``device`` ("" if it can: the extension
-    is then built and loaded)."""
-    if device.type != "cuda":
-        return "no CUDA device"
-    try:
-        from rmtkd.ops.cuda_ext import load_extension
-
-        load_extension(with_cuda=True)
-        return ""
-    except Exception as err:  # noqa: BLE001 - any build failure skips the column
-        return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    """Why the solver's cuda backend cannot run on ``device`` ("" if it can)."""
+    return "no CUDA device" if device.type != "cuda" else cuda_extension_status()
 
 
 def main() -> None:

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, median_interleaved, print_table, write_json  # noqa: E402
+from _common import (cuda_extension_status, machine_info, median_interleaved,  # noqa: E402
+                     print_table, write_json)
 
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
 RANKS = [256, 64]
@@ -49,16 +50,8 @@ N_ROT = 4
 
 def _cuda_ext() -> tuple[Any, str]:
     """``(torch.ops.rmtkd, "")`` if the C++ extension builds and loads, else ``(None, why)``."""
-    if not torch.cuda.is_available():
-        return None, "no CUDA device"
-    try:
-        from rmtkd.ops.cuda_ext import load_extension
-
-        load_extension(with_cuda=True)
-        return torch.ops.rmtkd, ""
-    except Exception as err:  # noqa: BLE001 - any build failure skips the column
-        print(f"cuda column skipped: {err}", file=sys.stderr)
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    why = cuda_extension_status()
+    return (None, why) if why else (torch.ops.rmtkd, "")
 
 
 def _auto_path(pl, tokens: int, k: int, dev: torch.device, dtype: torch.dtype) -> str:
