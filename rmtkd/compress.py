@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import load_checkpoint, rng_states, set_rng_states, write_checkpoint
 from .capture import CalibrationError, collect_statistics, find_sites, make_site
 from .capture.sites import (CONV_SAMPLES, _describe, batch_size, batch_to, fit_samples,
                              model_device)
@@ -459,7 +460,7 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
             plan, history, fits = state["plan"], state["history"], state["fits"]
             current_metric = state["current_metric"]
             start, finished = state["next_step"], state["finished"]
-            _set_rng_states(state["rng"])
+            set_rng_states(state["rng"])
 
     def checkpoint(next_step: int, done_all: bool) -> None:
         if checkpoint_dir is not None:
@@ -467,7 +468,7 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
                 "next_step": next_step, "finished": done_all, "plan": plan,
                 "history": history, "fits": fits, "current_metric": current_metric,
                 "original_metric": original_metric, "original_params": original_params,
-                "config": _resume_config(cfg), "sites": site_names, "rng": _rng_states()})
+                "config": _resume_config(cfg), "sites": site_names, "rng": rng_states()})
 
     bar = tqdm(total=len(sites), initial=start, desc="compress", unit="site",
                disable=not cfg.progress)
@@ -581,19 +582,7 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
                              else "cosine similarity to the original (%)")
 
 
-# ----------------------------------------------------------------------- checkpoints
-#
-# A checkpoint directory holds ``LATEST`` (the name of the newest complete checkpoint) and
-# that checkpoint ``step-NNNN/``: ``model.safetensors`` + ``plan.json`` (the rmtkd.save
-# format; models that format cannot describe are pickled to ``model.pt`` instead) and
-# ``state.pt`` (history, plan, fits, next step, RNG states; a pickle: load only your own
-# checkpoints). Each is written to a temporary directory that is renamed, then ``LATEST`` is
-# replaced with os.replace, then older checkpoints are removed; a kill at any moment leaves
-# the previous checkpoint (or the new one) intact.
-
-_LATEST = "LATEST"
-
-
+# ------------------------------------------------------------ step seeds / resume
 def _step_seed(seed: int, step: int) -> int:
     import hashlib
 
@@ -627,25 +616,6 @@ def _contiguous_(model: nn.Module) -> None:
                 m._buffers[name] = b.contiguous()
 
 
-def _rng_states() -> dict:
-    import random
-
-    import numpy as np
-
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}
-
-
-def _set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-
-
 def _resume_config(cfg: CompressConfig) -> dict:
     d = cfg.to_dict()
     d.pop("progress", None)
@@ -667,89 +637,6 @@ def _check_resumable(state: dict, cfg: CompressConfig, site_names: list[str]) ->
     if state["sites"] != site_names:
         raise ValueError(f"cannot resume: the checkpoint's sites {state['sites']} differ from "
                          f"this model's {site_names}; pass the same model")
-
-
-def _fsync_dir(path: Any) -> None:
-    import os
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_checkpoint(checkpoint_dir: Any, model: nn.Module, state: dict) -> Any:
-    """Write one checkpoint (model + ``state``) atomically; returns its directory."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from .io import UnsupportedModelError, write_model_dir
-
-    root = Path(checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state['next_step']:04d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
-        try:
-            write_model_dir(tmp, model, {"reductions": [r.to_dict() for r in state["plan"]],
-                                         "history": [r.to_dict() for r in state["history"]]})
-        except UnsupportedModelError:
-            torch.save(model, tmp / "model.pt")
-        with open(tmp / "state.pt", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        final = root / name
-        if final.exists():   # left by a run killed before LATEST named it
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    latest_tmp = root / f".{_LATEST}.tmp"
-    with open(latest_tmp, "w") as f:
-        f.write(name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(latest_tmp, root / _LATEST)
-    _fsync_dir(root)
-    for old in root.iterdir():   # older checkpoints and temporaries of killed writes
-        if old.name != name and old.name != _LATEST and old.is_dir() and (
-                old.name.startswith("step-") or old.name.startswith(".step-")):
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(checkpoint_dir: Any) -> dict | None:
-    """The newest checkpoint in ``checkpoint_dir`` as a state dict with its ``"model"``, or
-    None when there is none. Raises ValueError for a damaged checkpoint."""
-    from pathlib import Path
-
-    from .io import CorruptModelError, load
-
-    root = Path(checkpoint_dir)
-    if not (root / _LATEST).is_file():
-        return None
-    name = (root / _LATEST).read_text().strip()
-    ck = root / name
-    if not name.startswith("step-") or not (ck / "state.pt").is_file():
-        raise ValueError(f"checkpoint {ck} named by {root / _LATEST} is missing or incomplete")
-    try:
-        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
-        state["model"] = (torch.load(ck / "model.pt", map_location="cpu", weights_only=False)
-                          if (ck / "model.pt").is_file() else load(ck))
-    except CorruptModelError as e:
-        raise ValueError(f"checkpoint {ck} is damaged: {e}") from e
-    return state
 
 
 # --------------------------------------------------------------------------- report
