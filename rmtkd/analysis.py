@@ -1,6 +1,7 @@
 """Analyse a model: sites -> calibration statistics -> spectrum fit per site."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import Any
@@ -12,6 +13,32 @@ from .capture import Site, collect_statistics, find_sites
 from .capture.sites import batch_size, fit_samples
 from .spectral import SpectrumFit, spikes
 from .spectral.estimators import DEFAULT_MARGIN
+
+
+class SmallSampleWarning(UserWarning):
+    """A site was calibrated on fewer samples than it has features (gamma = d / n > 1)."""
+
+
+def small_sample_note(site: str, fit: SpectrumFit) -> str | None:
+    """The warning text for a site fitted with fewer samples than live features
+    (``fit.gamma = d_eff / n > 1``), naming the site, n, d and gamma; None otherwise.
+    The fit itself is valid: the MP law with gamma > 1 has an atom of ``d_eff - n`` zero
+    eigenvalues, which the fit leaves out of the bulk."""
+    if not fit.gamma > 1:
+        return None
+    d = f"{fit.d}" + (f" ({fit.d_eff} live)" if fit.d_eff != fit.d else "")
+    return (f"site {site!r}: n = {fit.n} calibration samples < d = {d} features "
+            f"(gamma = d/n = {fit.gamma:.3g} > 1): fitted with the Marchenko-Pastur law for "
+            f"gamma > 1 ({fit.d_eff - fit.n} zero eigenvalues, the atom at 0); k = {fit.k}. "
+            f"More calibration data (n >= d) gives a sharper bulk edge")
+
+
+def warn_small_samples(fits: dict[str, SpectrumFit], stacklevel: int = 2) -> list[str]:
+    """Emit a :class:`SmallSampleWarning` per site with gamma > 1; returns the notes."""
+    notes = [n for n in (small_sample_note(name, fit) for name, fit in fits.items()) if n]
+    for note in notes:
+        warnings.warn(note, SmallSampleWarning, stacklevel=stacklevel + 1)
+    return notes
 
 
 def analyze_model(
@@ -40,7 +67,9 @@ def analyze_model(
         progress: show a progress bar over the batches.
 
     Returns:
-        ``{site.name: SpectrumFit}``, shallow to deep.
+        ``{site.name: SpectrumFit}``, shallow to deep. A site with fewer samples than
+        features (gamma = d/n > 1) is still fitted (MP with gamma > 1) and reported with a
+        :class:`SmallSampleWarning` (:func:`small_sample_note`).
 
     Raises:
         ValueError: no batches, no sites, a glob that matches nothing, NaN/Inf activations,
@@ -64,9 +93,11 @@ def analyze_model(
     data = _Counting(chain([first], it) if it is batches else batches)
     stats = collect_statistics(model, data, chosen, acc_dtype=acc_dtype, progress=progress)
     by_name = {s.name: s for s in chosen}
-    return {name: spikes(s.cov, fit_samples(by_name[name], s.n, data.samples, conv_samples),
+    fits = {name: spikes(s.cov, fit_samples(by_name[name], s.n, data.samples, conv_samples),
                          estimator=estimator, margin=margin, solver=solver)
             for name, s in stats.items()}
+    warn_small_samples(fits)
+    return fits
 
 
 class _Counting:

@@ -162,10 +162,22 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def _small_sample_notes(fits: Mapping[str, SpectrumFit]) -> dict[str, str]:
+    """Site -> warning for the sites fitted with fewer samples than features (gamma > 1)."""
+    from .analysis import small_sample_note
+
+    notes = {name: small_sample_note(name, fit) for name, fit in fits.items()}
+    return {name: note for name, note in notes.items() if note}
+
+
 def _index_md(fits: Mapping[str, SpectrumFit], files: dict[str, str], meta: dict) -> str:
     lines = ["# RMT-KD spectral analysis", ""]
     show = lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # noqa: E731
     lines += [f"- **{k}**: {show(v)}" for k, v in meta.items()]
+    notes = _small_sample_notes(fits)
+    if notes:
+        lines += ["", "**Warning: fewer calibration samples than features (gamma = d/n > 1)**",
+                  ""] + [f"- {note}" for note in notes.values()]
     lines += ["", "Eigenvalues of each site's activation covariance against the fitted "
               "Marchenko-Pastur bulk; the k spikes above the threshold carry the signal.", "",
               _markdown_table(fits), "", "Full figures: `report.json`.", ""]
@@ -178,7 +190,9 @@ def write_analysis_report(out_dir: str | os.PathLike, fits: Mapping[str, Spectru
                           meta: dict, force: bool = False) -> Path:
     """Write ``report.json``, one PNG per site and ``index.md`` into ``out_dir``.
 
-    report.json is ``{"meta": meta, "sites": {site: fit.to_dict() + {"plot": png}}}``.
+    report.json is ``{"meta": meta, "sites": {site: fit.to_dict() + {"plot": png}},
+    "warnings": [...]}``; a site fitted with fewer samples than features (gamma > 1) has a
+    ``"warning"`` entry, repeated in ``"warnings"`` and at the top of index.md.
     The directory appears atomically: it is written as a temporary sibling, then renamed.
 
     Raises:
@@ -193,10 +207,14 @@ def write_analysis_report(out_dir: str | os.PathLike, fits: Mapping[str, Spectru
     with atomic_directory(out) as tmp:
         files = _file_names(list(fits))
         sites = {}
+        notes = _small_sample_notes(fits)
         for name, fit in fits.items():
             plot_site(tmp / files[name], name, fit)
             sites[name] = {**fit.to_dict(), "plot": files[name]}
+            if name in notes:
+                sites[name]["warning"] = notes[name]
         (tmp / "report.json").write_text(
-            json.dumps({"meta": meta, "sites": sites}, indent=1, default=_json_default))
+            json.dumps({"meta": meta, "sites": sites, "warnings": list(notes.values())},
+                       indent=1, default=_json_default))
         (tmp / "index.md").write_text(_index_md(fits, files, meta))
     return out

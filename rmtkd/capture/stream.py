@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..ops.covariance import CovarianceAccumulator, CovarianceStats, NonFiniteInputError
+from ..ops.covariance import (AccumulatorMemoryError, CovarianceAccumulator, CovarianceStats,
+                              NonFiniteInputError, accumulator_bytes)
 
 from .sites import (NonFiniteActivationError, Site, batch_to, forward, model_device,
                     split_batch)
@@ -81,13 +82,24 @@ def collect_accumulators(
         NonFiniteActivationError: NaN/Inf at a site (names the site and the batch index).
         CalibrationError: the forward pass failed (names the batch index; wraps torch's error).
         ValueError: no batches, or a site collected fewer than 2 samples.
+        AccumulatorMemoryError: a site's ``dim x dim`` accumulator does not fit on its
+            device (names the site, d, the bytes needed and the options).
     """
     modules = dict(model.named_modules())
     for s in sites:
         if s.module_name not in modules:
             raise ValueError(f"site {s.name!r}: the model has no module {s.module_name!r}")
-    accs = {s.name: CovarianceAccumulator(s.dim, acc_dtype=acc_dtype, device=device)
-            for s in sites}
+    total = sum(accumulator_bytes(s.dim, acc_dtype) for s in sites)
+
+    def out_of_memory(site: Site, e: AccumulatorMemoryError) -> AccumulatorMemoryError:
+        return e.for_site(site.name, total_bytes=total, n_sites=len(sites))
+
+    accs = {}
+    for s in sites:
+        try:
+            accs[s.name] = CovarianceAccumulator(s.dim, acc_dtype=acc_dtype, device=device)
+        except AccumulatorMemoryError as e:
+            raise out_of_memory(s, e) from e.__cause__
     state: dict[str, Any] = {"batch": 0, "mask": None}
 
     def feed(site: Site, x: Any) -> None:
@@ -97,6 +109,8 @@ def collect_accumulators(
         feats = site_features(site, x.detach())
         try:
             accs[site.name].update(feats, mask=_row_mask(site, feats, state["mask"]))
+        except AccumulatorMemoryError as e:
+            raise out_of_memory(site, e) from e.__cause__
         except NonFiniteInputError as e:
             raise NonFiniteActivationError(
                 f"site {site.name!r} has NaN or Inf activations in calibration batch "
@@ -171,4 +185,10 @@ def collect_statistics(
     """
     accs = collect_accumulators(model, batches, sites, acc_dtype=acc_dtype, device=device,
                                 progress=progress, desc=desc, max_batches=max_batches)
-    return {name: acc.finalize() for name, acc in accs.items()}
+    out = {}
+    for name, acc in accs.items():
+        try:
+            out[name] = acc.finalize()
+        except AccumulatorMemoryError as e:
+            raise e.for_site(name) from e.__cause__
+    return out

@@ -48,7 +48,8 @@ from scipy.linalg import blas as _blas
 from ._dispatch import register_backend, resolve_backend, triton_runnable
 from .cuda_ext import cuda_runnable
 
-__all__ = ["CovarianceAccumulator", "CovarianceStats", "NonFiniteInputError", "merge_moments"]
+__all__ = ["AccumulatorMemoryError", "CovarianceAccumulator", "CovarianceStats",
+           "NonFiniteInputError", "accumulator_bytes", "merge_moments"]
 
 _ACC_DTYPES = (torch.float32, torch.float64)
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -65,6 +66,121 @@ _BIG_MIN_DIM = 512
 _BIG_MIN_WORK = 2.5e9
 _SYRK_MAX_THREADS = 4
 _BLOCK_COLS = 256
+
+
+# d x d acc-dtype buffers an update holds at once: the running M2 and one batch's Gram matrix.
+_STATE_BUFFERS = 2
+# Messages of torch's allocation failures (CPU: c10's DefaultCPUAllocator; CUDA/other devices).
+_OOM_MESSAGES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory",
+                 "not enough memory")
+
+
+def accumulator_bytes(dim: int, acc_dtype: torch.dtype = torch.float32,
+                      buffers: int = _STATE_BUFFERS) -> int:
+    """Bytes of ``buffers`` ``(dim, dim)`` ``acc_dtype`` matrices: what a
+    ``CovarianceAccumulator(dim)`` needs while it updates (the running ``M2`` and one
+    batch's Gram matrix; the ``dim``-vectors and the CPU row workspace come on top)."""
+    return dim * dim * acc_dtype.itemsize * buffers
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+class AccumulatorMemoryError(MemoryError):
+    """A covariance accumulator (``dim x dim`` state) does not fit in memory on its device.
+
+    Raised instead of torch's allocation error (CPU ``DefaultCPUAllocator: can't allocate
+    memory``, ``torch.cuda.OutOfMemoryError``), which is kept as ``__cause__``. The message
+    names the site (when known), ``dim``, the bytes needed and what to do: accumulate in
+    float32 instead of float64, accumulate on the CPU, calibrate fewer sites at once.
+
+    Attributes: ``site`` (None outside calibration), ``dim``, ``acc_dtype``, ``device``,
+    ``bytes_needed`` (:func:`accumulator_bytes`), ``total_bytes`` (of every site calibrated
+    at once, or None), ``n_sites``.
+    """
+
+    def __init__(self, *, dim: int, acc_dtype: torch.dtype, device: torch.device | str,
+                 action: str = "allocating", site: str | None = None,
+                 total_bytes: int | None = None, n_sites: int = 1, detail: str = "") -> None:
+        self.dim, self.acc_dtype, self.device = dim, acc_dtype, torch.device(device)
+        self.action, self.site, self.detail = action, site, detail
+        self.bytes_needed = accumulator_bytes(dim, acc_dtype)
+        self.total_bytes, self.n_sites = total_bytes, n_sites
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        dt = str(self.acc_dtype).replace("torch.", "")
+        whose = f"of site {self.site!r} " if self.site is not None else ""
+        need = (f"out of memory on {self.device} {self.action} the covariance accumulator "
+                f"{whose}(d = {self.dim:,}, {dt}): it needs about "
+                f"{self.bytes_needed:,} bytes ({_human_bytes(self.bytes_needed)}: "
+                f"{_STATE_BUFFERS} d x d {dt} buffers, the running M2 and one batch's Gram "
+                f"matrix)")
+        if self.total_bytes is not None and self.n_sites > 1:
+            need += (f"; the {self.n_sites} sites calibrated at once need "
+                     f"{_human_bytes(self.total_bytes)}")
+        options = []
+        if self.acc_dtype == torch.float64:
+            options.append("accumulate in float32 instead of float64 (--acc-dtype float32, "
+                           "acc_dtype=torch.float32: half the memory)")
+        if self.device.type != "cpu":
+            options.append("accumulate on the CPU (device='cpu' of "
+                           "rmtkd.capture.collect_statistics; activations are copied there)")
+        else:
+            options.append("free memory on this machine or use one with more")
+        options.append("calibrate fewer sites at once (--sites GLOB ..., sites=[...]: "
+                       "every site keeps its own d x d accumulator)")
+        msg = f"{need}. Options: " + "; ".join(options) + "."
+        return msg + (f" (torch: {self.detail})" if self.detail else "")
+
+    def for_site(self, site: str, total_bytes: int | None = None, n_sites: int = 1
+                 ) -> "AccumulatorMemoryError":
+        """The same error naming ``site`` (and the memory of every site at once)."""
+        return AccumulatorMemoryError(dim=self.dim, acc_dtype=self.acc_dtype,
+                                      device=self.device, action=self.action, site=site,
+                                      total_bytes=total_bytes, n_sites=n_sites,
+                                      detail=self.detail)
+
+
+def _is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (torch's CPU/CUDA OOM or MemoryError)."""
+    if isinstance(e, AccumulatorMemoryError):
+        return False
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, (MemoryError, oom)) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MESSAGES))
+
+
+def _oom_guarded(action: str) -> Callable:
+    """Decorate an accumulator method: an allocation failure inside it is re-raised as
+    :class:`AccumulatorMemoryError` (the original error is its ``__cause__``)."""
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def guarded(self: "CovarianceAccumulator", *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+                raise AccumulatorMemoryError(
+                    dim=self.dim, acc_dtype=self.acc_dtype,
+                    device=getattr(self, "device", "cpu"), action=action,
+                    detail=f"{type(e).__name__}: {first[:300]}") from e
+        return guarded
+    return wrap
+
+
+def _new_state(dim: int, acc_dtype: torch.dtype, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty running state: mean ``(dim,)`` float64 and M2 ``(dim, dim)`` ``acc_dtype``."""
+    return (torch.zeros(dim, dtype=torch.float64, device=device),
+            torch.zeros(dim, dim, dtype=acc_dtype, device=device))
 
 
 class NonFiniteInputError(ValueError):
@@ -327,8 +443,12 @@ class CovarianceAccumulator:
             batch (or of a loaded state). Later batches are moved to it.
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``None`` (the
             ``RMTKD_BACKEND`` environment variable); an unavailable backend raises.
+
+    Every method that allocates raises :class:`AccumulatorMemoryError` (site-independent;
+    :func:`rmtkd.capture.collect_statistics` adds the site) when the state does not fit.
     """
 
+    @_oom_guarded("allocating")
     def __init__(self, dim: int, *, acc_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, backend: str | None = "auto") -> None:
         if isinstance(dim, bool) or not isinstance(dim, int):
@@ -347,8 +467,7 @@ class CovarianceAccumulator:
         self._device_fixed = device is not None
         self._set_device(torch.device(device) if device is not None else torch.device("cpu"))
         self._n = 0
-        self._mean = torch.zeros(dim, dtype=torch.float64, device=self.device)
-        self._m2 = torch.zeros(dim, dim, dtype=acc_dtype, device=self.device)
+        self._mean, self._m2 = _new_state(dim, acc_dtype, self.device)
         self._workspace: torch.Tensor | None = None
 
     def _set_device(self, device: torch.device) -> None:
@@ -364,6 +483,7 @@ class CovarianceAccumulator:
                                            torch.device("cuda"), self.acc_dtype)
         self.device = device
 
+    @_oom_guarded("moving")
     def _adopt_device(self, device: torch.device) -> None:
         """Move the (still empty) state to ``device`` if no device was fixed yet."""
         if self._device_fixed:
@@ -471,6 +591,7 @@ class CovarianceAccumulator:
                                                  shift_exact=True)  # (ignored for fp32)
         return g, s, shift
 
+    @_oom_guarded("updating")
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> "CovarianceAccumulator":
         """Add the rows of a batch.
 
@@ -485,6 +606,8 @@ class CovarianceAccumulator:
 
         Raises:
             NonFiniteInputError: the batch holds NaN/Inf (the state is unchanged).
+            AccumulatorMemoryError: the update does not fit on the device (allocation
+                failure; the state is unchanged).
         """
         x2d, keep, m = self._batch(x, mask)
         if m == 0:
@@ -513,6 +636,7 @@ class CovarianceAccumulator:
             self._n, self._mean, self._m2, m, mean_b, m2_b)
         return self
 
+    @_oom_guarded("merging into")
     def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
         """Fold ``other``'s rows into this accumulator (pairwise update); ``other`` is unchanged.
 
@@ -537,6 +661,7 @@ class CovarianceAccumulator:
         upper = self._m2.triu()
         return upper + upper.triu(1).mT
 
+    @_oom_guarded("finalizing")
     def finalize(self) -> CovarianceStats:
         """Return the mean and the covariance (divided by ``n``) of all rows seen so far.
 
