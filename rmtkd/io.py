@@ -43,6 +43,15 @@ HeadSelectLinear attention values, ProjectedLinear consumers), loads the weights
 ``strict=True`` and returns the ``transformers`` model object in eval mode. :func:`save`
 checks beforehand (on the meta device) that this rebuild reproduces every module type and
 tensor shape, so a model with modules that the config cannot describe fails at save time.
+
+Llama-family decoders (``LlamaModel``, ``LlamaForCausalLM``, ``LlamaForSequenceClassification``,
+``MistralForCausalLM``, ``Qwen2ForCausalLM``) use the same ``"rmtkd-hf"`` format: the config
+carries :func:`rmtkd.reduce.llama.record_llama_widths`' keys (``rmtkd_llama_intermediate_sizes``,
+``rmtkd_llama_value_head_dims``, ``rmtkd_llama_projected_ranks``, ``rmtkd_llama_biases``) and
+:func:`rmtkd.reduce.llama.apply_llama_widths` reshapes the rebuilt model (narrow gated MLPs,
+HeadPaddedLinear / HeadSelectLinear values per key-value head, ProjectedLinear projections,
+biases added by the mean corrections). Value heads are padded back to ``head_dim``, so the KV
+cache and ``generate`` work unchanged.
 """
 from __future__ import annotations
 
@@ -63,10 +72,13 @@ HF_FORMAT = "rmtkd-hf"
 FORMAT_VERSION = 1
 HF_CONFIG = "config.json"
 
-# transformers classes that save/load handles (BERT encoders, reducible by rmtkd.reduce).
+# transformers classes that save/load handles (BERT encoders and Llama-family decoders,
+# reducible by rmtkd.reduce).
 HF_ARCHITECTURES = ("BertModel", "BertForSequenceClassification", "BertForMaskedLM",
                     "BertForTokenClassification", "BertForQuestionAnswering",
-                    "BertForMultipleChoice", "BertForPreTraining")
+                    "BertForMultipleChoice", "BertForPreTraining",
+                    "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification",
+                    "MistralForCausalLM", "Qwen2ForCausalLM")
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
 
@@ -494,8 +506,10 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
 def _hf_config_dict(model: nn.Module) -> dict:
     """config.json contents: the config with the recorded widths, class and dtype."""
     from .reduce.bert import record_bert_widths
+    from .reduce.llama import record_llama_widths
 
     record_bert_widths(model)
+    record_llama_widths(model)
     cfg = json.loads(model.config.to_json_string(use_diff=False)) \
         if _has_arg(model.config.to_json_string, "use_diff") else model.config.to_dict()
     cfg["architectures"] = [type(model).__name__]
@@ -508,6 +522,7 @@ def _hf_config_dict(model: nn.Module) -> dict:
 def _hf_build(cls: type, cfg: dict, dtype: torch.dtype | None, device: Any = None
               ) -> nn.Module:
     from .reduce.bert import apply_bert_widths
+    from .reduce.llama import apply_llama_widths
 
     config = cls.config_class.from_dict(dict(cfg))
     if device is None:
@@ -517,7 +532,7 @@ def _hf_build(cls: type, cfg: dict, dtype: torch.dtype | None, device: Any = Non
             model = cls(config)
     if dtype is not None:
         model = model.to(dtype)
-    return apply_bert_widths(model)
+    return apply_llama_widths(apply_bert_widths(model))
 
 
 def _hf_check(model: nn.Module) -> dict:
@@ -530,9 +545,10 @@ def _hf_check(model: nn.Module) -> dict:
             f"{type(model).__module__}.{type(model).__qualname__} is not transformers."
             f"{name}. {_hf_supported_text()}")
     from .reduce.bert import bert_layers
+    from .reduce.llama import llama_layers
 
-    if not bert_layers(model):
-        raise UnsupportedModelError(f"{name} has no BERT encoder layer; "
+    if not bert_layers(model) and not llama_layers(model):
+        raise UnsupportedModelError(f"{name} has no BERT encoder or Llama decoder layer; "
                                     f"{_hf_supported_text()}")
     cfg = _hf_config_dict(model)
     try:
@@ -558,7 +574,9 @@ def _hf_check(model: nn.Module) -> dict:
             f"{name} holds modules or shapes that load could not rebuild from its config "
             f"({len(diff)} differences, e.g. {detail}). Supported changes: "
             f"rmtkd.reduce's BERT reductions (feed-forward width, per-head attention value "
-            f"width, ProjectedLinear consumers). {_hf_supported_text()}")
+            f"width, ProjectedLinear consumers) and Llama reductions (MLP inner width, value "
+            f"dims per key-value head, ProjectedLinear projections, added biases). "
+            f"{_hf_supported_text()}")
     return cfg
 
 

@@ -14,6 +14,9 @@ from .bert import (BERT_SUPPORTED, HeadPaddedLinear, HeadSelectLinear, apply_ber
                    bert_site, head_bases, head_reduction, record_bert_widths,
                    width_bert_attention, width_bert_ffn)
 from .cnn import project_conv, width_conv
+from .llama import (LLAMA_SUPPORTED, apply_llama_widths, is_llama_layer, llama_head_ks,
+                    llama_heads, llama_layer_sites, llama_layers, project_llama_linear,
+                    record_llama_widths, reduce_llama_attention, reduce_llama_mlp)
 from .mlp import project_linear, width_linear
 from .plan import (SUPPORTED, Reduction, ReductionResult, UnsupportedModuleError,
                    check_orthonormal, n_params, set_module)
@@ -21,7 +24,10 @@ from .plan import (SUPPORTED, Reduction, ReductionResult, UnsupportedModuleError
 __all__ = ["Reduction", "ReductionResult", "UnsupportedModuleError", "SUPPORTED",
            "reduce_site", "plan_replacements", "BERT_SUPPORTED", "HeadPaddedLinear",
            "HeadSelectLinear", "head_reduction", "head_bases", "record_bert_widths",
-           "apply_bert_widths"]
+           "apply_bert_widths", "LLAMA_SUPPORTED", "is_llama_layer", "llama_layers",
+           "llama_layer_sites", "llama_heads", "llama_head_ks", "reduce_llama_mlp",
+           "reduce_llama_attention", "project_llama_linear", "record_llama_widths",
+           "apply_llama_widths"]
 
 
 def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Module]:

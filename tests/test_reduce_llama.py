@@ -1,0 +1,402 @@
+"""Llama-family surgery (rmtkd.reduce.llama) on tiny random Hugging Face decoders (GQA: 4
+query heads, 2 key-value heads), eval mode: value dims per kv head against a forward-hook
+reference, gated-MLP unit selection (exact at true rank k, small error at low rank + noise),
+forward + generate after both reductions, save/load round trip, unsupported layouts."""
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+import rmtkd  # noqa: E402
+from rmtkd.capture import collect_statistics  # noqa: E402
+from rmtkd.io import UnsupportedModelError  # noqa: E402
+from rmtkd.nn import ProjectedLinear  # noqa: E402
+from rmtkd.reduce import (HeadPaddedLinear, HeadSelectLinear,  # noqa: E402
+                          UnsupportedModuleError, apply_llama_widths, llama_head_ks,
+                          llama_layer_sites, llama_layers, project_llama_linear,
+                          record_llama_widths, reduce_llama_attention, reduce_llama_mlp)
+
+HID, FF, HEADS, KV, HD, L, VOCAB = 64, 172, 4, 2, 16, 2, 128
+
+
+def llama(seed=0, dtype=torch.float64, cfg_cls=LlamaConfig, model_cls=LlamaForCausalLM,
+          **kw):
+    torch.manual_seed(seed)
+    cfg = cfg_cls(hidden_size=HID, intermediate_size=FF, num_hidden_layers=L,
+                  num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=VOCAB,
+                  max_position_embeddings=64, initializer_range=0.1, **kw)
+    return model_cls(cfg).to(dtype).eval()
+
+
+def ids(batch=6, seq=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def hidden(model, x=None):
+    """Every layer's output (hidden_states[1:]) and the logits."""
+    with torch.no_grad():
+        o = model(input_ids=ids() if x is None else x, output_hidden_states=True)
+    return list(o.hidden_states[1:]) + [o.logits]
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def stats(model, x=None):
+    """Per layer: (mean, cov) in float64 of the v_proj output and of the down_proj input,
+    computed with plain forward hooks (independent of rmtkd.capture)."""
+    acts, hooks = {}, []
+    for i, (_, layer) in enumerate(llama_layers(model)):
+        hooks.append(layer.self_attn.v_proj.register_forward_hook(
+            lambda m, a, o, i=i: acts.setdefault(("v", i), []).append(o.detach())))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, a, i=i: acts.setdefault(("mlp", i), []).append(a[0].detach())))
+    with torch.no_grad():
+        model(input_ids=ids(16, 32, seed=2) if x is None else x)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for key, chunks in acts.items():
+        z = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double()
+        mean = z.mean(0)
+        zc = z - mean
+        out[key] = (mean, zc.T @ zc / (z.shape[0] - 1))
+    return out
+
+
+def head_bases(cov, ks):
+    """Independent reference: per kv head, top-k_g eigenvectors of its diagonal block."""
+    out = []
+    for g, k in enumerate(ks):
+        e, v = torch.linalg.eigh(cov[g * HD:(g + 1) * HD, g * HD:(g + 1) * HD])
+        out.append(v[:, e.argsort(descending=True)[:k]])
+    return out
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------- attention
+
+def test_attention_full_rank_is_exact():
+    model = llama()
+    ref = hidden(model)
+    st = stats(model)
+    for i, (_, layer) in enumerate(llama_layers(model)):
+        mean, cov = st[("v", i)]
+        rec = reduce_llama_attention(layer, mean, cov, [HD] * KV)
+        assert isinstance(layer.self_attn.v_proj, HeadPaddedLinear)
+        assert isinstance(layer.self_attn.o_proj, HeadSelectLinear)
+        assert rec["k"] == KV * HD and rec["d"] == KV * HD
+    assert max_diff(hidden(model), ref) < 1e-10
+
+
+@pytest.mark.parametrize("with_mean", [True, False])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_attention_matches_projection_hook(with_mean, family):
+    kw = {} if family == "llama" else {"cfg_cls": Qwen2Config, "model_cls": Qwen2ForCausalLM}
+    model = llama(**kw)          # qwen2: q/k/v biases, no o_proj bias
+    orig = hidden(model)
+    st = stats(model)
+    reference = copy.deepcopy(model)
+    ks_per_layer = [[3, 7], [0, 5]]   # k_g = 0 drops a kv head's values entirely
+    for i, ((_, layer), (_, rlayer)) in enumerate(zip(llama_layers(model),
+                                                      llama_layers(reference))):
+        mean, cov = st[("v", i)]
+        ks = ks_per_layer[i]
+        P = torch.block_diag(*[b @ b.T for b in head_bases(cov, ks)])
+        m = mean if with_mean else torch.zeros_like(mean)
+        rlayer.self_attn.v_proj.register_forward_hook(
+            lambda mod, a, o, P=P, m=m: m + (o - m) @ P)   # P symmetric
+        before = count(layer.self_attn)
+        rec = reduce_llama_attention(layer, mean if with_mean else None, cov, ks)
+        assert rec["head_ks"] == ks and rec["params_before"] == before
+        # v: hidden x sum k (+ bias); o: hidden x (rep * sum k) (+ bias)
+        bias_v = sum(ks) if family == "qwen2" else 0
+        bias_o = HID if with_mean else 0
+        expect = before - HID * KV * HD - HID * HEADS * HD - (KV * HD if bias_v else 0) \
+            + HID * sum(ks) + bias_v + HID * (HEADS // KV) * sum(ks) + bias_o
+        assert rec["params_after"] == count(layer.self_attn) == expect
+    got, want = hidden(model), hidden(reference)
+    assert max_diff(got, want) < 1e-10
+    assert max_diff(got, orig) > 1e-4          # the projection did change the model
+
+
+def test_attention_re_reduction_and_sites():
+    model = llama()
+    st = stats(model)
+    _, layer = llama_layers(model)[0]
+    mean, cov = st[("v", 0)]
+    reduce_llama_attention(layer, mean, cov, [8, 8])
+    sites = llama_layer_sites(layer)
+    assert [s.name for s in sites] == ["mlp.down_proj:input", "self_attn.v_proj:output"]
+    assert sites[1].dim == KV * HD and sites[0].dim == FF
+    # reduce again from the padded site's statistics: heads keep at most their 8 dims
+    st2 = stats(model)
+    with pytest.raises(ValueError, match="dims each kv head keeps"):
+        reduce_llama_attention(layer, st2[("v", 0)][0], st2[("v", 0)][1], [9, 8])
+    reference = copy.deepcopy(model)
+    m2, c2 = st2[("v", 0)]
+    P = torch.block_diag(*[b @ b.T for b in head_bases(c2, [4, 2])])
+    llama_layers(reference)[0][1].self_attn.v_proj.register_forward_hook(
+        lambda mod, a, o: m2 + (o - m2) @ P)
+    reduce_llama_attention(layer, m2, c2, [4, 2])
+    assert layer.self_attn.v_proj.head_dims == [4, 2]
+    assert layer.self_attn.o_proj.head_dims == [4, 4, 2, 2]
+    assert max_diff(hidden(model), hidden(reference)) < 1e-10
+
+
+def test_sites_work_with_capture():
+    model = llama()
+    st = stats(model)
+    sites = []
+    for name, layer in llama_layers(model):
+        for s in llama_layer_sites(layer):
+            sites.append(dataclasses.replace(s, name=f"{name}.{s.name}",
+                                             module_name=f"{name}.{s.module_name}"))
+    got = collect_statistics(model, [{"input_ids": ids(16, 32, seed=2)}], sites,
+                             acc_dtype=torch.float64, progress=False)
+    for i, (name, _) in enumerate(llama_layers(model)):
+        for key, site in (("mlp", "mlp.down_proj:input"), ("v", "self_attn.v_proj:output")):
+            s = got[f"{name}.{site}"]
+            torch.testing.assert_close(torch.as_tensor(s.mean).double(), st[(key, i)][0])
+            n = 16 * 32                               # rmtkd's covariance divides by n
+            torch.testing.assert_close(torch.as_tensor(s.cov).double(),
+                                       st[(key, i)][1] * (n - 1) / n)
+
+
+# ----------------------------------------------------------------------------- MLP
+
+def make_low_rank_mlp(layer, k, eps=0.0, seed=3):
+    """Unit j copies unit j % k's gate row and a scaled up row (+ eps noise): the gated
+    activation a_j = alpha_j a_{j % k} (+ O(eps)) has rank k."""
+    g = torch.Generator().manual_seed(seed)
+    mlp = layer.mlp
+    with torch.no_grad():
+        gw, uw = mlp.gate_proj.weight, mlp.up_proj.weight
+        for j in range(k, gw.shape[0]):
+            alpha = 0.5 + torch.rand((), generator=g, dtype=torch.float64).item()
+            gw[j] = gw[j % k]
+            uw[j] = alpha * uw[j % k] + eps * torch.randn(uw.shape[1], generator=g,
+                                                           dtype=uw.dtype)
+
+
+def test_mlp_selection_exact_at_true_rank():
+    k = 20
+    model = llama()
+    for _, layer in llama_layers(model):
+        make_low_rank_mlp(layer, k)
+    ref = hidden(model)
+    st = stats(model)
+    for i, (_, layer) in enumerate(llama_layers(model)):
+        mean, cov = st[("mlp", i)]
+        rec = reduce_llama_mlp(layer, mean, cov, k, ridge=0.0)
+        assert sorted(u % k for u in rec["units"]) == list(range(k))   # one unit per group
+        # gate + up: HID x k each, down: k x HID + an added bias (HID) for the mean term
+        assert rec["params_before"] == 3 * HID * FF
+        assert rec["params_after"] == count(layer.mlp) == 3 * HID * k + HID
+        assert layer.mlp.down_proj.bias is not None and rec["mean_corrected"]
+    assert max_diff(hidden(model), ref) < 1e-9
+
+
+def mlp_error(model, layer_index, **kw):
+    """Relative error of layer ``layer_index``'s MLP output after reduction, on the
+    calibration inputs of that MLP."""
+    (_, layer), = [llama_layers(model)[layer_index]]
+    xs = []
+    h = layer.mlp.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids(16, 32, seed=2))
+    h.remove()
+    x = torch.cat([t.reshape(-1, HID) for t in xs])
+    st = stats(model)
+    mean, cov = st[("mlp", layer_index)]
+    mlp = copy.deepcopy(layer.mlp)
+    with torch.no_grad():
+        y = mlp(x)
+    layer = copy.deepcopy(layer)
+    rec = reduce_llama_mlp(layer, mean, cov, **kw)
+    with torch.no_grad():
+        y2 = layer.mlp(x)
+        S = torch.tensor(rec["units"])
+        naive = mlp.down_proj.weight[:, S] @ (mlp.act_fn(mlp.gate_proj(x)[:, S])
+                                              * mlp.up_proj(x)[:, S]).T
+    return ((y2 - y).norm() / y.norm()).item(), ((naive.T - y).norm() / y.norm()).item()
+
+
+def test_mlp_selection_low_rank_plus_noise():
+    k = 24
+    model = llama()
+    for _, layer in llama_layers(model):
+        make_low_rank_mlp(layer, k, eps=0.002)     # noise 2% of the up rows' scale
+    err, naive = mlp_error(model, 0, k=k)
+    err_nomean, _ = mlp_error(model, 0, k=k, mean_correction=False)
+    assert 1e-4 < err < 0.05 and err < 0.1 * naive  # the reconstruction R does the work
+    # with the intercept the residuals have mean 0 on the calibration data: never worse
+    assert err <= err_nomean * (1 + 1e-6)
+
+
+def test_mlp_refuses_rotation_and_bad_shapes():
+    model = llama()
+    _, layer = llama_layers(model)[0]
+    cov = torch.eye(FF, dtype=torch.float64)
+    with pytest.raises(ValueError, match="rotation does not commute"):
+        reduce_llama_mlp(layer, None, cov, 4, surgery="rotate")
+    with pytest.raises(ValueError, match="cov must be"):
+        reduce_llama_mlp(layer, None, torch.eye(10), 4)
+    with pytest.raises(ValueError, match="1 <= k"):
+        reduce_llama_mlp(layer, None, cov, 0)
+
+
+# ----------------------------------------------------------------------------- whole model
+
+def reduce_all(model, mlp_k=40, project=True):
+    st = stats(model)
+    for i, (_, layer) in enumerate(llama_layers(model)):
+        mean, cov = st[("v", i)]
+        ks = llama_head_ks(cov, KV, HD, 16 * 32, min_k=1)
+        assert len(ks) == KV and all(1 <= k <= HD for k in ks)
+        reduce_llama_attention(layer, mean, cov, ks)
+        mean, cov = st[("mlp", i)]
+        reduce_llama_mlp(layer, mean, cov, mlp_k)
+    if project:    # one projected Linear (q_proj of layer 1, with a mean: bias added)
+        _, layer = llama_layers(model)[1]
+        g = torch.Generator().manual_seed(5)
+        U = torch.linalg.qr(torch.randn(HID, 12, generator=g, dtype=torch.float64)).Q
+        rec = project_llama_linear(layer, "self_attn.q_proj", U.to(next(model.parameters())),
+                                   mean=torch.full((HID,), 0.1, dtype=torch.float64))
+        assert rec["params_after"] < rec["params_before"]
+        assert isinstance(layer.self_attn.q_proj, ProjectedLinear)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_and_generate_after_reduction(dtype):
+    model = llama(dtype=dtype)
+    before = count(model)
+    reduce_all(model)
+    assert count(model) < before
+    x = ids(2, 7)
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+        assert logits.shape == (2, 7, VOCAB) and torch.isfinite(logits).all()
+        cached = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True,
+                                pad_token_id=0)
+        plain = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=False,
+                               pad_token_id=0)
+    assert cached.shape == (2, 13)
+    assert torch.equal(cached, plain)    # the KV cache (padded values) changes nothing
+
+
+def test_save_load_round_trip(tmp_path):
+    model = reduce_all(llama())
+    widths = record_llama_widths(model)
+    assert widths["rmtkd_llama_intermediate_sizes"] == [40, 40]
+    assert widths["rmtkd_llama_projected_ranks"] == [{}, {"self_attn.q_proj": 12}]
+    assert all(b["mlp.down_proj"] and b["self_attn.o_proj"] and not b["mlp.gate_proj"]
+               for b in widths["rmtkd_llama_biases"])
+    rmtkd.save(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["rmtkd_llama_value_head_dims"] == widths["rmtkd_llama_value_head_dims"]
+    loaded = rmtkd.load(tmp_path / "m")
+    assert type(loaded) is LlamaForCausalLM and not loaded.training
+    assert isinstance(loaded.model.layers[0].self_attn.v_proj, HeadPaddedLinear)
+    assert isinstance(loaded.model.layers[1].self_attn.q_proj, ProjectedLinear)
+    x = ids(3, 9)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+        g1 = model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        g2 = loaded.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(g1, g2)
+
+
+def test_apply_widths_rebuilds_shapes():
+    model = reduce_all(llama(), project=False)
+    widths = record_llama_widths(model)
+    fresh = apply_llama_widths(llama(seed=9), widths)
+    shapes = {n: t.shape for n, t in model.state_dict().items()}
+    assert shapes == {n: t.shape for n, t in fresh.state_dict().items()}
+    fresh.load_state_dict(model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("cfg_cls,model_cls", [(MistralConfig, MistralForCausalLM),
+                                               (Qwen2Config, Qwen2ForCausalLM)])
+def test_round_trip_other_families(tmp_path, cfg_cls, model_cls):
+    model = reduce_all(llama(cfg_cls=cfg_cls, model_cls=model_cls), project=False)
+    rmtkd.save(model, tmp_path / "m")
+    loaded = rmtkd.load(tmp_path / "m")
+    assert type(loaded) is model_cls
+    x = ids(2, 5)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("cls", ["LlamaModel", "LlamaForSequenceClassification",
+                                 "LlamaForCausalLM-tied"])
+def test_round_trip_llama_classes(tmp_path, cls):
+    tied = cls.endswith("-tied")
+    model_cls = getattr(transformers, cls.removesuffix("-tied"))
+    model = llama(model_cls=model_cls, pad_token_id=0, tie_word_embeddings=tied)
+    if cls != "LlamaModel":
+        reduce_all(model, project=False)
+    rmtkd.save(model, tmp_path / "m")
+    loaded = rmtkd.load(tmp_path / "m")
+    assert type(loaded) is model_cls
+    x = ids(2, 5)
+    with torch.no_grad():
+        a, b = model(input_ids=x), loaded(input_ids=x)
+    key = "last_hidden_state" if cls == "LlamaModel" else "logits"
+    assert torch.equal(a[key], b[key])
+    if tied:
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+# ----------------------------------------------------------------------------- errors
+
+class Cube(nn.Module):
+    def forward(self, x):
+        return x ** 3
+
+
+class ValueNorm(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_unsupported_layouts(tmp_path):
+    model = llama()
+    _, layer = llama_layers(model)[0]
+    cov = torch.eye(FF, dtype=torch.float64)
+    layer.mlp.act_fn = Cube()
+    with pytest.raises(UnsupportedModuleError, match="mlp.act_fn is Cube"):
+        reduce_llama_mlp(layer, None, cov, 4)
+    layer.mlp.act_fn = nn.SiLU()
+    layer.self_attn.v_norm = ValueNorm()
+    with pytest.raises(UnsupportedModuleError, match="v_norm"):
+        reduce_llama_attention(layer, None, torch.eye(KV * HD), [2, 2])
+    del layer.self_attn.v_norm
+    with pytest.raises(UnsupportedModuleError, match="not a Llama-family decoder layer"):
+        reduce_llama_attention(layer.mlp, None, torch.eye(KV * HD), [2, 2])
+    with pytest.raises(UnsupportedModuleError, match="not one of"):
+        project_llama_linear(layer, "input_layernorm", torch.eye(HID)[:, :2])
+    project_llama_linear(layer, "mlp.down_proj", torch.eye(FF, dtype=torch.float64)[:, :8])
+    with pytest.raises(UnsupportedModuleError, match="mlp.down_proj is a ProjectedLinear"):
+        reduce_llama_mlp(layer, None, cov, 4)
+    reduce_llama_attention(layer, None, torch.eye(KV * HD, dtype=torch.float64), [2, 2])
+    with pytest.raises(UnsupportedModuleError, match="HeadPaddedLinear, not an nn.Linear"):
+        project_llama_linear(layer, "self_attn.v_proj", torch.eye(HID)[:, :2])
+    # a change that the config cannot describe fails at save time
+    llama_layers(model)[1][1].mlp.up_proj = nn.Sequential(nn.Linear(HID, FF, bias=False))
+    with pytest.raises(UnsupportedModelError, match="could not rebuild"):
+        rmtkd.save(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
