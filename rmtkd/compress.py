@@ -38,8 +38,11 @@ from .checkpoint import load_checkpoint, rng_states, set_rng_states, write_check
 from .capture import CalibrationError, collect_statistics, find_sites, make_site
 from .capture.sites import (CONV_SAMPLES, _describe, batch_size, batch_to, fit_samples,
                              model_device)
-from .distill.trainer import (TASKS, NonFiniteLossError, batch_labels, distill, model_inputs,
+from .distill.trainer import (TASKS, NonFiniteLossError, batch_labels, model_inputs,
                               model_output)
+from .distributed import (agree, all_or_none, check_same, check_same_plan,
+                          collect_sharded_statistics, distributed_distill, is_distributed,
+                          is_main)
 from .reduce import Reduction, UnsupportedModuleError, head_reduction, reduce_site
 from .reduce.bert import bert_site
 from .reduce.plan import MODES, SURGERIES, n_params
@@ -48,6 +51,7 @@ from .rank_rules import choose_k, parse_rule, top_eigenvectors
 from .spectral.estimators import DEFAULT_MARGIN
 
 ON_VIOLATION = ("skip", "stop")
+DISTIL_FROM = ("previous", "original")
 DATASET_BATCH_SIZE = 64
 
 
@@ -68,10 +72,15 @@ class CompressConfig:
     at every step).
     conv_samples: what the MP fit of a conv site counts as samples, "images" (default) or
     "positions" (:func:`rmtkd.capture.sites.fit_samples`).
+    acc_dtype: covariance accumulation dtype, "float32" or "float64" (fp64 makes the fit
+    reproducible to ~1e-12 across process counts; fp32 to the fp32 rounding of the bulk).
     task: "classification" or "embedding". alpha, temperature: of kd_loss.
     lr, warmup_steps, distill_epochs, distill_min_steps: the distillation after each
     reduction step (:func:`rmtkd.distill.distill`: at least distill_min_steps optimizer
     steps, so small data sets get more than 3 short epochs).
+    distil_from: the teacher of each step's distillation: "previous" (the paper's: the model
+    just before the step) or "original" (the uncompressed model, so each step also repairs
+    the drift of the earlier ones; the roll-back target stays the previous model).
     epsilon: largest allowed metric drop (points) against the original model.
     rho_min: stop when k/d < rho_min. param_target: stop when parameters <= param_target *
     original. max_steps: most reduction steps tried. on_violation: "skip" or "stop" after a
@@ -90,6 +99,7 @@ class CompressConfig:
     sites: list[str] | None = None
     calib_fraction: float = 0.1
     conv_samples: str = "images"
+    acc_dtype: str = "float32"
     task: str = "classification"
     alpha: float = 0.7
     temperature: float = 1.0
@@ -97,6 +107,7 @@ class CompressConfig:
     warmup_steps: int = 20
     distill_epochs: int = 3
     distill_min_steps: int = 200
+    distil_from: str = "previous"
     epsilon: float = 2.0
     rho_min: float = 0.0
     param_target: float | None = None
@@ -116,8 +127,14 @@ class CompressConfig:
         if self.conv_samples not in CONV_SAMPLES:
             raise ValueError(f"conv_samples must be one of {CONV_SAMPLES}, "
                              f"got {self.conv_samples!r}")
+        if self.acc_dtype not in ("float32", "float64"):
+            raise ValueError(f"acc_dtype must be 'float32' or 'float64', "
+                             f"got {self.acc_dtype!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.distil_from not in DISTIL_FROM:
+            raise ValueError(f"distil_from must be one of {DISTIL_FROM}, "
+                             f"got {self.distil_from!r}")
         if self.on_violation not in ON_VIOLATION:
             raise ValueError(f"on_violation must be one of {ON_VIOLATION}, "
                              f"got {self.on_violation!r}")
@@ -160,6 +177,7 @@ class StepRecord:
     reason: str = ""
     rank_rule: str = "mp"   # how k was chosen (rmtkd.rank_rules); mp_k: the MP spike count
     mp_k: int | None = None
+    gamma: float | None = None   # d / n of the fit; > 1: fewer calibration samples than d
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -384,8 +402,13 @@ def _head_ks(cov: torch.Tensor, heads: int, n: int, cfg: "CompressConfig") -> li
 
 def _record(site: Any, fit: SpectrumFit, mode: str, params: int, metric: float
             ) -> StepRecord:
+    """The step's record; warns (SmallSampleWarning) when the site's fit had gamma > 1."""
+    from .analysis import warn_small_samples
+
+    warn_small_samples({site.name: fit}, stacklevel=3)
     return StepRecord(site.name, mode, site.dim, fit.k, fit.estimator, float(fit.sigma2),
-                      float(fit.lambda_plus), float(fit.threshold), params, params, metric)
+                      float(fit.lambda_plus), float(fit.threshold), params, params, metric,
+                      gamma=float(fit.gamma))
 
 
 def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
@@ -422,6 +445,11 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
     """
     cfg = config if config is not None else CompressConfig()
     cfg.validate()
+    # torch.distributed with > 1 rank (rmtkd.distributed): sharded calibration merged
+    # exactly, DDP distillation on sharded batches, rank 0 shows progress and checkpoints
+    multi = is_distributed()
+    acc_dtype = getattr(torch, cfg.acc_dtype)
+    progress = cfg.progress and is_main()
     torch.manual_seed(cfg.seed)
     original = model
     model = copy.deepcopy(model).eval()
@@ -435,9 +463,13 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
 
     # Embedding metric: similarity to the original model's outputs (a frozen eval copy).
     reference = copy.deepcopy(original).eval() if cfg.task == "embedding" else None
+    # distil_from="original": every step distils from the original model (a frozen copy)
+    source = None
+    if cfg.distil_from == "original":
+        source = reference if reference is not None else copy.deepcopy(original).eval()
 
-    def metric(m: nn.Module) -> float:
-        return evaluate(m, evals, task=cfg.task, reference=reference)
+    def metric(m: nn.Module) -> float:   # every rank evaluates; rank 0's value decides
+        return agree(evaluate(m, evals, task=cfg.task, reference=reference))
 
     original_metric = metric(model)
     original_params = n_params(model)
@@ -461,17 +493,24 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
             current_metric = state["current_metric"]
             start, finished = state["next_step"], state["finished"]
             set_rng_states(state["rng"])
+        if multi:   # every rank read the checkpoint: all must resume at the same step
+            check_same([start, finished], "resume point (next step, finished) in "
+                       f"{checkpoint_dir}")
 
     def checkpoint(next_step: int, done_all: bool) -> None:
-        if checkpoint_dir is not None:
-            write_checkpoint(checkpoint_dir, model, {
-                "next_step": next_step, "finished": done_all, "plan": plan,
-                "history": history, "fits": fits, "current_metric": current_metric,
-                "original_metric": original_metric, "original_params": original_params,
-                "config": _resume_config(cfg), "sites": site_names, "rng": rng_states()})
+        if checkpoint_dir is None:
+            return
+        with all_or_none("writing the checkpoint"):   # rank 0 writes; the others wait
+            if is_main():
+                write_checkpoint(checkpoint_dir, model, {
+                    "next_step": next_step, "finished": done_all, "plan": plan,
+                    "history": history, "fits": fits, "current_metric": current_metric,
+                    "original_metric": original_metric, "original_params": original_params,
+                    "config": _resume_config(cfg), "sites": site_names,
+                    "rng": rng_states()})
 
     bar = tqdm(total=len(sites), initial=start, desc="compress", unit="site",
-               disable=not cfg.progress)
+               disable=not progress)
     for step in range(start, len(sites)):
         if finished:
             break
@@ -487,7 +526,12 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
         site = make_site(site0.module_name, model.get_submodule(site0.module_name))
         bar.set_postfix_str(site.name)
         teacher = copy.deepcopy(model).eval()
-        stats = collect_statistics(model, calib, [site], progress=False)[site.name]
+        if multi:   # each rank streams its shard of calib; the moments are merged exactly
+            stats = collect_sharded_statistics(model, calib, [site], progress=False,
+                                               acc_dtype=acc_dtype)[site.name]
+        else:
+            stats = collect_statistics(model, calib, [site], progress=False,
+                                       acc_dtype=acc_dtype)[site.name]
         n_fit = fit_samples(site, stats.n, n_calib, cfg.conv_samples)
         fit = spikes(stats.cov, n_fit, estimator=cfg.estimator, margin=cfg.margin,
                      solver=cfg.solver, seed=cfg.seed)
@@ -512,6 +556,8 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
             basis = vecs[:, :k].to(dtype=dtype, device=stats.cov.device)
             rec.k = k
         history.append(rec)
+        if multi:
+            check_same([site.name, k, head_ks], "k at this site (site, k, per-head k)")
 
         def done(status: str, reason: str) -> None:
             rec.status, rec.reason = status, reason
@@ -544,12 +590,14 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
             elif result is not None:
                 rec.metric_reduced = metric(model)
                 violation = None
-                try:
-                    distill(model, teacher, train, task=cfg.task, alpha=cfg.alpha,
-                            temperature=cfg.temperature, lr=cfg.lr,
-                            warmup_steps=cfg.warmup_steps, epochs=cfg.distill_epochs,
-                            min_steps=cfg.distill_min_steps,
-                            progress=cfg.progress, desc=f"distil {site.module_name}")
+                try:   # under DDP: each rank on its shard of every epoch's batch order
+                    distributed_distill(model, teacher if source is None else source,
+                                        train, task=cfg.task,
+                                        alpha=cfg.alpha, temperature=cfg.temperature,
+                                        lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                        epochs=cfg.distill_epochs,
+                                        min_steps=cfg.distill_min_steps, progress=progress,
+                                        desc=f"distil {site.module_name}")
                     rec.metric_after = metric(model)
                     if math.isnan(rec.metric_after):
                         violation = "the distilled model's outputs are NaN/Inf"
@@ -576,6 +624,8 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
             break
     bar.close()
     model.eval()
+    if multi:
+        check_same_plan(history)
     return CompressionResult(model, plan, history, fits, original_metric, current_metric,
                              original_params, n_params(model), config=cfg,
                              metric_name="accuracy (%)" if cfg.task == "classification"
@@ -625,7 +675,8 @@ def _resume_config(cfg: CompressConfig) -> dict:
 def _check_resumable(state: dict, cfg: CompressConfig, site_names: list[str]) -> None:
     now = _resume_config(cfg)
     # checkpoints written before rank_rule existed used the MP rule
-    state = {**state, "config": {"rank_rule": "mp", **state["config"]}}
+    state = {**state, "config": {"rank_rule": "mp", "acc_dtype": "float32",
+                                 "distil_from": "previous", **state["config"]}}
     diff = sorted(k for k in set(now) | set(state["config"])
                   if now.get(k) != state["config"].get(k))
     if diff:

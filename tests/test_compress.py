@@ -1,6 +1,7 @@
 """rmtkd.compress end to end on the digits MLP, its stop rules and faults, and the CLI."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -150,6 +151,52 @@ def test_bad_config_is_a_value_error(digits):
     model, train, _ = digits
     with pytest.raises(ValueError, match="on_violation"):
         compress(model, train, config=_cfg(on_violation="ignore"))
+
+
+@pytest.mark.parametrize("field, value", [("distil_from", "teacher"),
+                                          ("acc_dtype", "float16")])
+def test_bad_new_config_fields(digits, field, value):
+    model, train, _ = digits
+    with pytest.raises(ValueError, match=field):
+        compress(model, train, config=_cfg(**{field: value}))
+
+
+@pytest.mark.parametrize("source", ["previous", "original"])
+def test_distil_from_picks_the_teacher(digits, monkeypatch, source):
+    """Each step's distillation teacher: the model before the step, or the original."""
+    import sys
+
+    C = sys.modules["rmtkd.compress"]   # the module (rmtkd.compress is the function)
+    model, train, test = digits
+    teachers = []
+
+    def spy(student, teacher, batches, **kw):
+        teachers.append(copy.deepcopy(teacher))
+        with torch.no_grad():   # a visible change, so the next step's "previous" differs
+            for p in student.parameters():
+                p.mul_(0.999)
+        return {}
+
+    monkeypatch.setattr(C, "distributed_distill", spy)
+    res = compress(model, train, eval_data=test, config=_cfg(distil_from=source,
+                                                             epsilon=100.0))
+    assert [r.status for r in res.history] == ["applied", "applied"] and len(teachers) == 2
+    x = torch.cat([x for x, _ in test])
+    with torch.no_grad():
+        same = [torch.equal(t(x), model.eval()(x)) for t in teachers]
+    # "previous": step 2's teacher is the cut, scaled model of step 1, not the original
+    assert same == ([True, True] if source == "original" else [True, False])
+
+
+def test_acc_dtype_float64_reaches_the_fit(digits):
+    model, train, test = digits
+    res = compress(model, train, eval_data=test,
+                   config=_cfg(acc_dtype="float64", distill_epochs=0, max_steps=1))
+    fit64 = res.fits["net.fc2:input"]
+    res32 = compress(model, train, eval_data=test, config=_cfg(distill_epochs=0, max_steps=1))
+    fit32 = res32.fits["net.fc2:input"]
+    assert fit64.sigma2 != fit32.sigma2   # a different accumulation reached the fit
+    assert fit64.sigma2 == pytest.approx(fit32.sigma2, rel=1e-4)
 
 
 def test_cli_compress_writes_report(tmp_path: Path, capsys):

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..capture.sites import batch_to, model_device, split_batch
+from ..distributed import all_true
 from .losses import embedding_loss, kd_loss
 
 TASKS = ("classification", "embedding")
@@ -169,10 +170,13 @@ def distill(
                     loss = kd_loss(s_out, t_out, labels, alpha=alpha, temperature=temperature)
                 else:
                     loss = embedding_loss(s_out, t_out)
-                if not bool(torch.isfinite(loss)):
+                finite = bool(torch.isfinite(loss))
+                if not all_true(finite):   # under DDP every rank stops at the same step
+                    where = "" if not finite else " on another rank"
                     raise NonFiniteLossError(
-                        f"NaN/Inf distillation loss ({loss.item()}) at epoch {epoch}, "
-                        f"batch {i} (optimizer step {step}, lr={opt.param_groups[0]['lr']:g})")
+                        f"NaN/Inf distillation loss{where} ({loss.item()} here) at epoch "
+                        f"{epoch}, batch {i} (optimizer step {step}, "
+                        f"lr={opt.param_groups[0]['lr']:g})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
