@@ -8,14 +8,20 @@ Public API:
     nn.ProjectedLinear                       y = (x V) W^T + b, the projected low-rank layer
     compress, CompressConfig, CompressionResult   RMT-KD end to end (reduce + self-distil)
     save, load                               compressed model <-> safetensors + plan.json
+    CorruptCheckpointError                   a damaged checkpoint (rmtkd.checkpoint), not loaded
+    AccumulatorMemoryError                   a site's covariance accumulator does not fit
+    SmallSampleWarning                       a site calibrated on n < d samples (gamma > 1)
 """
 from . import capture, nn, spectral
-from .ops.covariance import CovarianceAccumulator, CovarianceStats
+from .ops.covariance import AccumulatorMemoryError, CovarianceAccumulator, CovarianceStats
 from .spectral import SpectrumFit, analyze, spikes
 from .compress import CompressConfig, CompressionResult, compress
 from .io import load, save
+from .checkpoint import CorruptCheckpointError
+from .analysis import SmallSampleWarning
 
 __version__ = "0.1.0"
 __all__ = ["CovarianceAccumulator", "CovarianceStats", "SpectrumFit", "analyze", "spikes",
            "spectral", "capture", "nn", "compress", "CompressConfig", "CompressionResult",
-           "save", "load", "__version__"]
+           "save", "load", "CorruptCheckpointError", "AccumulatorMemoryError",
+           "SmallSampleWarning", "__version__"]

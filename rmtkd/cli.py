@@ -4,6 +4,7 @@
     rmtkd analyze --model model.pt --data data.npy [--out DIR] [--sites 'blocks.*.fc2']
     rmtkd compress --example digits-mlp|mnist-cnn|minilm [--mode width|project] [--out DIR]
     rmtkd compress --model model.pt --data data.pt [--config job.toml] [--out DIR] [--resume]
+    rmtkd compress-llm --model HF_DIR --text FILE --out DIR [--mode width|project] [--resume]
 
 Errors the user can fix print one line ``rmtkd: error: ...`` to stderr and exit with code 2.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--solver", choices=SOLVERS, help="eigen solver (default: auto)")
     c.add_argument("--conv-samples", choices=("images", "positions"),
                    help="what the fit of a conv site counts as samples (default: images)")
+    c.add_argument("--acc-dtype", choices=("float32", "float64"),
+                   help="covariance accumulation dtype (default float32)")
     c.add_argument("--batch-size", type=int,
                    help="batch size for --data tensors (default 64)")
     c.add_argument("--quiet", action="store_true", help="no progress bars and no step table")
@@ -130,7 +134,115 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int,
                    help="random seed (example training, calibration subset, distillation; "
                    "default 0)")
+    c.add_argument("--distributed", action="store_true",
+                   help="run on torch.distributed (gloo, CPU): launch one process per rank "
+                   "with torchrun --nproc_per_node=N -m rmtkd.cli compress --distributed "
+                   "...; each rank calibrates and distils on its shard of the data, rank 0 "
+                   "writes the report (torchrun's environment turns it on without the flag)")
+    _add_compress_llm_parser(sub)
     return parser
+
+
+def _add_compress_llm_parser(sub: Any) -> None:
+    """``rmtkd compress-llm``: block-wise RMT-KD of a Hugging Face Llama directory."""
+    from .blockwise import BlockwiseConfig as B
+
+    g = sub.add_parser("compress-llm", help="compress a Llama-family causal LM block by block "
+                       "in bounded memory (one decoder block + the calibration states)",
+                       description="Block-wise RMT-KD: read the model one decoder block at a "
+                       "time, fit each block's sites on the calibration hidden states "
+                       "(memory-mapped on disk), cut it, distil it locally against the "
+                       "original block; then compare perplexity, generation speed and size.")
+    g.add_argument("--model", metavar="HF_DIR", type=Path, required=True,
+                   help="a Hugging Face LlamaForCausalLM directory (config.json + safetensors)")
+    g.add_argument("--text", metavar="FILE", type=Path, required=True,
+                   help="calibration text: .txt (one document per line; needs a tokenizer in "
+                   "HF_DIR) or .pt token ids (1-D or [N, T]); the last 10%% is held out for "
+                   "evaluation unless --eval-text is given")
+    g.add_argument("--eval-text", metavar="FILE", type=Path,
+                   help="held-out evaluation text (same formats as --text)")
+    g.add_argument("--out", metavar="DIR", type=Path, required=True,
+                   help="output model directory (rmtkd.load reads it)")
+    g.add_argument("--mode", choices=("width", "project"), default="width",
+                   help="width: MLP inner width + attention value width per kv head "
+                   "(default); project: ProjectedLinear layers")
+    g.add_argument("--calib-tokens", type=int, default=B.calib_tokens,
+                   help=f"calibration tokens (default {B.calib_tokens})")
+    g.add_argument("--seq-len", type=int, default=B.seq_len,
+                   help=f"tokens per calibration sequence (default {B.seq_len})")
+    g.add_argument("--batch-size", type=int, default=B.batch_size,
+                   help=f"sequences per forward chunk (default {B.batch_size})")
+    g.add_argument("--distill-epochs", type=int, default=B.distill_epochs,
+                   help=f"local distillation epochs per block (default {B.distill_epochs})")
+    g.add_argument("--lr", type=float, default=B.lr, help=f"local distillation learning "
+                   f"rate (default {B.lr})")
+    g.add_argument("--global-kl-steps", type=int, default=0,
+                   help="final KL distillation steps on the logits (default 0 = off; loads "
+                   "the whole original and compressed models)")
+    g.add_argument("--margin", type=_margin, default=B.margin,
+                   help="spike threshold margin, as for compress")
+    g.add_argument("--device", default="cpu", help="where a block runs (cpu, cuda)")
+    g.add_argument("--eval-tokens", type=int, default=8192,
+                   help="held-out tokens for the perplexity (default 8192)")
+    g.add_argument("--new-tokens", type=int, default=32,
+                   help="generated tokens per speed measurement (default 32)")
+    g.add_argument("--no-eval", action="store_true",
+                   help="skip the before/after evaluation (it loads both models whole)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted job from its last finished block (work dir "
+                   ".<DIR>.work next to --out DIR; same arguments)")
+    g.add_argument("--force", action="store_true", help="replace an existing --out DIR")
+    g.add_argument("--quiet", action="store_true", help="no progress bars and no table")
+
+
+def _run_compress_llm(args: argparse.Namespace) -> int:
+    from .blockwise import BlockwiseConfig, compress_blockwise, format_blocks, load_tokenizer
+    from .llm.evaluate import compare_models, read_token_data, split_heldout, token_sequences
+
+    if not (args.model / "config.json").is_file():
+        raise UsageError(f"--model {args.model} is not a Hugging Face model directory (no "
+                         f"config.json)")
+    if args.out.exists() and not args.force:
+        raise UsageError(f"{args.out} already exists; pass --force to replace it")
+    data = read_token_data(args.text)
+    if args.eval_text is not None:
+        calib, held = data, read_token_data(args.eval_text)
+    else:
+        calib, held = split_heldout(data)
+    config = BlockwiseConfig(mode=args.mode, calib_tokens=args.calib_tokens,
+                             seq_len=args.seq_len, batch_size=args.batch_size,
+                             distill_epochs=args.distill_epochs, lr=args.lr,
+                             global_kl_steps=args.global_kl_steps, margin=args.margin,
+                             device=args.device, seed=args.seed, progress=not args.quiet)
+    torch.manual_seed(args.seed)
+    result = compress_blockwise(args.model, calib, out=args.out, config=config,
+                                resume=args.resume, overwrite=args.force)
+    if not args.quiet:
+        print(format_blocks(result))
+        print()
+    print(f"parameters: {result.params_before:,} -> {result.params_after:,} "
+          f"({100 * result.reduction:.1f}% fewer)")
+    if not args.no_eval:
+        from transformers import LlamaForCausalLM
+
+        from .io import load
+
+        seqs = token_sequences(held, args.seq_len, max_tokens=args.eval_tokens,
+                               tokenizer=load_tokenizer(args.model))
+        before = LlamaForCausalLM.from_pretrained(str(args.model), local_files_only=True,
+                                                  dtype=torch.float32).eval()
+        after = load(args.out).float()
+        cmp = compare_models(before, after, seqs, new_tokens=args.new_tokens)
+        b, a = cmp["before"], cmp["after"]
+        print(f"perplexity (held-out, {seqs.numel():,} tokens): {b['perplexity']:.3f} -> "
+              f"{a['perplexity']:.3f}")
+        print(f"generation, batch 1, greedy, {args.new_tokens} new tokens (median of 3, "
+              f"{torch.get_num_threads()} CPU threads): {b['tokens_per_s']:.1f} -> "
+              f"{a['tokens_per_s']:.1f} tokens/s ({a['tokens_per_s'] / b['tokens_per_s']:.2f}x)")
+    print(f"compression time: {result.seconds:.1f} s")
+    print(f"model: {args.out}")
+    return 0
 
 
 def _load_array(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -245,7 +357,7 @@ def _compress_config(args: argparse.Namespace, job: dict, example_defaults: dict
 
     fields = {**example_defaults, **config_fields(job.get("compress", {}), "[compress]")}
     for flag in ("mode", "epsilon", "task", "estimator", "margin", "solver", "seed",
-                 "conv_samples"):
+                 "conv_samples", "acc_dtype"):
         if getattr(args, flag) is not None:
             fields[flag] = getattr(args, flag)
     fields["progress"] = not args.quiet
@@ -258,10 +370,31 @@ def _compress_config(args: argparse.Namespace, job: dict, example_defaults: dict
 
 
 def _run_compress(args: argparse.Namespace) -> int:
+    """``rmtkd compress``: under torchrun (or with --distributed) every rank runs the job
+    in one process group; rank 0 prints and writes."""
+    import os
+
+    from . import distributed
+
+    if args.distributed and "WORLD_SIZE" not in os.environ:
+        raise UsageError("--distributed needs torchrun's environment (RANK, WORLD_SIZE, ...): "
+                         "launch with torchrun --nproc_per_node=N -m rmtkd.cli compress "
+                         "--distributed ...")
+    # gloo: the command computes on the CPU (models are loaded there)
+    owned = distributed.init_from_env(backend="gloo")
+    try:
+        return _compress_job(args)
+    finally:
+        if owned:
+            distributed.destroy()
+
+
+def _compress_job(args: argparse.Namespace) -> int:
     import shutil
     import time
 
-    from .compress import compress, evaluate, format_history, write_compress_report
+    from . import distributed as dist
+    from .compress import compress
     from .job import read_job_file
 
     job = read_job_file(args.config) if args.config is not None else {}
@@ -291,7 +424,13 @@ def _run_compress(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown example {args.example!r}; available: "
                              f"{', '.join(EXAMPLE_DATA)}")
         config = _compress_config(args, job, EXAMPLE_COMPRESS.get(args.example, {}))
-        model, meta = _example_teacher(args.example, seed, args.resume, args.quiet, ckpt)
+        if dist.is_distributed():   # rank 0 trains (or finds) the teacher; all ranks load it
+            with dist.all_or_none(f"preparing the {args.example} teacher"):
+                if dist.is_main():
+                    _example_teacher(args.example, seed, args.resume, args.quiet, ckpt)
+            model, meta = _example_teacher(args.example, seed, True, True, ckpt)
+        else:
+            model, meta = _example_teacher(args.example, seed, args.resume, args.quiet, ckpt)
         train, val, test = EXAMPLE_DATA[args.example](seed=seed)
         splits = {"train": train, "val": val, "test": test}
     else:
@@ -302,14 +441,34 @@ def _run_compress(args: argparse.Namespace) -> int:
         batch = args.batch_size or job.get("batch_size", 64)
         splits = load_splits(str(data_spec), batch)
         meta = {"model": str(model_path), "data": str(data_spec), "batch_size": batch}
-        if ckpt.exists() and not args.resume:
-            shutil.rmtree(ckpt)
+        with dist.all_or_none("removing the old checkpoint"):   # rank 0; the others wait
+            if ckpt.exists() and not args.resume and dist.is_main():
+                shutil.rmtree(ckpt)
     val = splits.get("val", splits.get("test", splits["train"]))
     test = splits.get("test", val)
     t0 = time.perf_counter()
     result = compress(model, splits["train"], eval_data=val, calib_data=splits.get("calib"),
                       config=config, checkpoint_dir=ckpt / "steps", resume=args.resume)
     seconds = time.perf_counter() - t0
+    if dist.is_distributed():   # every rank holds the same result; rank 0 reports it
+        meta["distributed"] = f"{dist.world_size()} ranks (torch.distributed, gloo)"
+        with dist.all_or_none("writing the report"):
+            if dist.is_main():
+                _report_compress(args, model, result, splits, val, test, config, meta, out,
+                                 ckpt, seconds)
+        return 0
+    return _report_compress(args, model, result, splits, val, test, config, meta, out, ckpt,
+                            seconds)
+
+
+def _report_compress(args: argparse.Namespace, model: torch.nn.Module, result: Any,
+                     splits: dict, val: Any, test: Any, config: Any, meta: dict, out: Path,
+                     ckpt: Path, seconds: float) -> int:
+    """Evaluate on the test split, write the report directory, print the summary."""
+    import shutil
+
+    from .compress import evaluate, format_history, write_compress_report
+
     reference = model if config.task == "embedding" else None
     test_before = evaluate(model, test, task=config.task, reference=reference, what="test")
     test_after = evaluate(result.model, test, task=config.task, reference=reference,
@@ -420,17 +579,33 @@ def _example_teacher(example: str, seed: int, resume: bool, quiet: bool, ckpt: P
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rmtkd`` console script; returns 0 or exits with code 2."""
     from .capture import CalibrationError
+    from .ops.covariance import AccumulatorMemoryError
 
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "compress":
-            return _run_compress(args)
-        return _run_analyze(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _run_command(args)
+    # ValueError covers a damaged checkpoint (rmtkd.checkpoint.CorruptCheckpointError)
     except (UsageError, CalibrationError, ValueError, FileNotFoundError,
-            FileExistsError) as e:
+            FileExistsError, AccumulatorMemoryError) as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"rmtkd: error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _show_warning(message: Any, category: type, *_: Any, **__: Any) -> None:
+    """Warnings as one line, ``rmtkd: warning: ...`` (no file:line of the library)."""
+    text = " ".join(str(message).split())
+    print(f"rmtkd: warning: {text}", file=sys.stderr)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "compress":
+        return _run_compress(args)
+    if args.command == "compress-llm":
+        return _run_compress_llm(args)
+    return _run_analyze(args)
 
 
 if __name__ == "__main__":

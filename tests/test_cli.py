@@ -55,6 +55,18 @@ def test_analyze_saved_model_writes_report(tiny, tmp_path, monkeypatch, capsys):
     assert not [p for p in tmp_path.joinpath("reports").iterdir() if p.name.startswith(".")]
 
 
+def test_small_calibration_warns_in_one_line(tiny, tmp_path, capsys):
+    """n < d: the fit still runs and the CLI prints one 'rmtkd: warning:' line per site."""
+    model, _ = tiny
+    few = tmp_path / "few.npy"
+    np.save(few, np.random.default_rng(1).standard_normal((10, 8)))   # 10 samples, d = 16
+    assert main(["analyze", "--model", str(model), "--data", str(few), "--quiet",
+                 "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("rmtkd: warning: ") for line in err), err
+    assert "gamma = d/n = 1.6" in err[0] and "gamma = d/n = 1.2" in err[1]
+
+
 def test_existing_dir_needs_force(tiny, tmp_path, capsys):
     model, data = tiny
     out = tmp_path / "out"

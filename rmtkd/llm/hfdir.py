@@ -1,0 +1,297 @@
+"""Hugging Face Llama directories, tensor by tensor.
+
+:class:`WeightSource` reads one tensor at a time from ``config.json`` + ``*.safetensors``
+(single file or sharded with ``model.safetensors.index.json``, as ``save_pretrained``
+writes them) through ``safetensors.safe_open``, so the full model is never in memory; it
+also wraps an in-memory ``LlamaForCausalLM`` (tests).
+
+While a job runs, the output is kept as per-block shards ``model-XXXXX-of-YYYYY.safetensors``
+(shard 1: the embedding, shards 2..L+1: one decoder layer each, the last: final norm +
+lm_head). :func:`write_model` then streams them into the :func:`rmtkd.load` format
+("rmtkd-hf": ``model.safetensors`` + ``config.json`` with the per-layer widths of
+:func:`rmtkd.reduce.llama.record_llama_widths` + ``plan.json``), one tensor at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+class UnsupportedLLMError(ValueError):
+    """The model is not a Llama-layout decoder (or its directory is incomplete)."""
+
+
+def llama_config(cfg: Any) -> Any:
+    """A ``transformers.LlamaConfig`` from a config object or dict; raises
+    UnsupportedLLMError for other model types. The attention implementation is set to
+    ``sdpa`` (what ``LlamaForCausalLM`` picks on CPU) when unset."""
+    from transformers import LlamaConfig
+
+    d = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    if d.get("model_type") != "llama":
+        raise UnsupportedLLMError(
+            f"block-wise compression supports Llama-layout decoders (model_type 'llama', "
+            f"LlamaForCausalLM); got model_type {d.get('model_type')!r}")
+    config = cfg if isinstance(cfg, LlamaConfig) else LlamaConfig.from_dict(dict(d))
+    if getattr(config, "_attn_implementation", None) is None:
+        config._attn_implementation = "sdpa"
+    return config
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+class WeightSource:
+    """Tensors of a Llama model by state-dict name, read lazily.
+
+    Use :meth:`from_dir` (a ``save_pretrained`` directory) or :meth:`from_model`.
+    ``config`` is a LlamaConfig; ``path`` the directory (None for a model).
+    """
+
+    def __init__(self, config: Any, files: dict[str, Any] | None = None,
+                 state: dict[str, torch.Tensor] | None = None, path: Path | None = None,
+                 model: nn.Module | None = None) -> None:
+        self.config = llama_config(config)
+        self._files = files or {}          # tensor name -> safetensors file name
+        self._state = state                # in-memory state dict (from_model)
+        self.path = path
+        self.model = model
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "WeightSource":
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p} has no config.json: expected a Hugging Face model "
+                                    f"directory written by save_pretrained")
+        cfg = json.loads((p / "config.json").read_text())
+        if (p / INDEX).is_file():
+            weight_map = json.loads((p / INDEX).read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        elif (p / SINGLE).is_file():
+            shards, weight_map = [SINGLE], None
+        else:
+            raise FileNotFoundError(f"{p} has neither {SINGLE} nor {INDEX}; only safetensors "
+                                    f"weights are read (re-save with save_pretrained)")
+        if weight_map is None:
+            with safe_open(str(p / SINGLE), framework="pt", device="cpu") as f:
+                weight_map = {name: SINGLE for name in f.keys()}
+        missing = [s for s in shards if not (p / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{p}: weight files {missing} named by {INDEX} are missing")
+        return cls(cfg, files=weight_map, path=p)
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors, opening each file only for the read: a file kept open stays mapped
+        and every page read from it would count in the resident set until the end."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self._files[n], []).append(n)
+        out = {}
+        for file, group in by_file.items():
+            with safe_open(str(self.path / file), framework="pt", device="cpu") as f:
+                for n in group:
+                    out[n] = f.get_tensor(n).clone()
+        return out
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "WeightSource":
+        if type(model).__name__ not in LLAMA_ARCHITECTURES:
+            raise UnsupportedLLMError(f"expected a LlamaForCausalLM, got "
+                                      f"{type(model).__name__}")
+        return cls(model.config, state=dict(model.state_dict()), model=model)
+
+    def names(self) -> list[str]:
+        return list(self._state) if self._state is not None else list(self._files)
+
+    def has(self, name: str) -> bool:
+        return name in (self._state if self._state is not None else self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        """A CPU copy of tensor ``name`` (its stored dtype)."""
+        if self._state is not None:
+            if name not in self._state:
+                raise KeyError(f"the model has no tensor {name!r}")
+            return self._state[name].detach().to("cpu").clone()
+        if name not in self._files:
+            raise UnsupportedLLMError(f"{self.path}: no tensor {name!r} in the safetensors "
+                                      f"files; is this a LlamaForCausalLM directory?")
+        return self._read([name])[name]
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        """``{name without prefix: tensor}`` for every tensor whose name starts with it."""
+        names = [n for n in self.names() if n.startswith(prefix)]
+        if self._state is not None:
+            return {n[len(prefix):]: self.get(n) for n in names}
+        return {n[len(prefix):]: t for n, t in self._read(names).items()}
+
+    def lm_head(self) -> torch.Tensor:
+        if self.has("lm_head.weight"):
+            return self.get("lm_head.weight")
+        return self.get("model.embed_tokens.weight")   # tied embeddings
+
+    def n_params(self) -> int:
+        """Parameters of the model (a tied lm_head counted once), from the tensor shapes."""
+        from safetensors import safe_open
+
+        if self._state is None:
+            total = 0
+            for file in set(self._files.values()):
+                with safe_open(str(self.path / file), framework="pt", device="cpu") as f:
+                    total += sum(int(torch.Size(f.get_slice(n).get_shape()).numel())
+                                 for n in f.keys() if not n.endswith("rotary_emb.inv_freq"))
+            return total
+        seen = {t.data_ptr(): t.numel() for n, t in self._state.items()
+                if not n.endswith("rotary_emb.inv_freq")}
+        return sum(seen.values())
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the decoder weights (that of layer 0's q_proj)."""
+        if getattr(self, "_dtype", None) is None:
+            self._dtype = self.get(layer_prefix(0) + "self_attn.q_proj.weight").dtype
+        return self._dtype
+
+
+# ------------------------------------------------------------------ output directory
+
+def shard_name(j: int, total: int) -> str:
+    return f"model-{j:05d}-of-{total:05d}.safetensors"
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file atomically (temporary file, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import fsync_dir
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ------------------------------------------------------------------ output model
+
+def layer_widths(layer: nn.Module) -> dict:
+    """One reduced layer's entries of :func:`rmtkd.reduce.llama.record_llama_widths`."""
+    from ..reduce.llama import record_llama_widths
+
+    return {k: v[0] for k, v in record_llama_widths(nn.ModuleList([layer])).items()}
+
+
+def config_dict(src: WeightSource, widths: list[dict], dtype: torch.dtype) -> dict:
+    """config.json of the compressed model: the source config with the per-layer widths
+    (``rmtkd_llama_*`` lists), ``architectures`` and ``dtype``."""
+    cfg = json.loads(src.config.to_json_string(use_diff=False))
+    cfg.pop("_attn_implementation_autoset", None)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    for key in (widths[0] if widths else {}):
+        cfg[key] = [w[key] for w in widths]
+    return cfg
+
+
+def build_from_shards(shard_dir: Path, shards: list[str], cfg: dict) -> nn.Module:
+    """The whole compressed model from its per-block shards (fp32, train mode off)."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from ..io import _hf_build
+
+    model = _hf_build(LlamaForCausalLM, cfg, None)
+    state: dict[str, torch.Tensor] = {}
+    for s in shards:
+        state.update(load_file(str(shard_dir / s)))
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+    if tied:
+        model.tie_weights()
+    return model.float().eval()
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
+
+
+def write_model(out_dir: Path, shard_dir: Path, shards: list[str], cfg: dict,
+                extras: dict) -> int:
+    """Write the compressed model in the :func:`rmtkd.load` format ("rmtkd-hf": one
+    ``model.safetensors`` + ``config.json`` + ``plan.json``), streaming the shards one
+    tensor at a time (the header is computed from their shapes first). Also readable by
+    ``LlamaForCausalLM.from_pretrained`` when no layer changed shape. Returns the number
+    of parameters written."""
+    import struct
+
+    from safetensors import safe_open
+
+    from .. import __version__
+    from ..checkpoint import fsync_dir
+    from ..io import FORMAT_VERSION, HF_FORMAT, PLAN, WEIGHTS, _sha256
+
+    header: dict[str, Any] = {"__metadata__": {"format": HF_FORMAT}}
+    order, offset, params = [], 0, 0
+    for s in shards:
+        with safe_open(str(shard_dir / s), framework="pt", device="cpu") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                shape = list(sl.get_shape())
+                dtype = {v: k2 for k2, v in _ST_DTYPES.items()}[sl.get_dtype()]
+                n = int(torch.Size(shape).numel())
+                nbytes = n * torch.empty((), dtype=dtype).element_size()
+                header[k] = {"dtype": sl.get_dtype(), "shape": shape,
+                             "data_offsets": [offset, offset + nbytes]}
+                order.append((s, k))
+                offset += nbytes
+                params += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(out_dir / WEIGHTS, "wb") as out:
+        out.write(struct.pack("<Q", len(text)))
+        out.write(text)
+        for s in dict.fromkeys(sh for sh, _ in order):
+            with safe_open(str(shard_dir / s), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    t = f.get_tensor(k).contiguous()
+                    out.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        out.flush()
+        os.fsync(out.fileno())
+    aliases = ({"lm_head.weight": "model.embed_tokens.weight"}
+               if cfg.get("tie_word_embeddings") else {})
+    plan = {"format": HF_FORMAT, "format_version": FORMAT_VERSION, "rmtkd_version": __version__,
+            "hf_class": "LlamaForCausalLM", "dtype": cfg.get("dtype"), "aliases": aliases,
+            "frozen": [], "sha256": _sha256(out_dir / WEIGHTS), **extras}
+    for name, obj in (("config.json", cfg), (PLAN, plan)):
+        with open(out_dir / name, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+    fsync_dir(out_dir)
+    return params
+
+
+def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """A model written by :func:`rmtkd.blockwise.compress_blockwise` (= :func:`rmtkd.load`),
+    optionally cast to ``dtype``; eval mode. Loads the whole model."""
+    from ..io import load
+
+    model = load(path, map_location=device)
+    return (model if dtype is None else model.to(dtype)).eval()
