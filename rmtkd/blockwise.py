@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -49,7 +51,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import fsync_dir, rng_states, set_rng_states
+from .checkpoint import damaged, fsync_dir, hash_file, rng_states, set_rng_states
 from .llm.block import (LINEARS, block_sites, chunks, cut_block, distill_block,
                         load_layer, position_embeddings, rel_error, teacher_pass)
 from .llm.evaluate import token_sequences
@@ -159,14 +161,65 @@ class BlockwiseResult:
 
 # ------------------------------------------------------------------------ checkpoint
 
+_STATE_MAGIC = b"rmtkd-blockwise-state"
+
+
 def _save_state(work: Path, state: dict) -> None:
+    """Write ``state.pt`` atomically: a header line with the payload's size and sha256,
+    then the pickled state (so a damaged file is detected before anything is unpickled)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    header = b"%s size=%d sha256=%s\n" % (_STATE_MAGIC, len(payload),
+                                          hashlib.sha256(payload).hexdigest().encode())
     tmp = work / f".{STATE}.tmp"
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        f.write(header + payload)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, work / STATE)
     fsync_dir(work)
+
+
+def _load_state(work: Path) -> dict:
+    """The checkpoint of :func:`_save_state`, after checking ``state.pt`` and every file it
+    lists (model shards, the current states file) against their sizes and sha256.
+
+    Raises:
+        CorruptCheckpointError: a truncated, changed or missing file (names it).
+    """
+    path = work / STATE
+    raw = path.read_bytes()
+    head, _, payload = raw.partition(b"\n")
+    m = re.fullmatch(rb"%s size=(\d+) sha256=([0-9a-f]{64})" % _STATE_MAGIC, head)
+    if m is None:
+        raise damaged(f"{path} has no valid header", path, work)
+    if len(payload) != int(m.group(1)):
+        raise damaged(f"{path} is truncated ({len(payload)} of {int(m.group(1))} bytes)",
+                      path, work)
+    if hashlib.sha256(payload).hexdigest().encode() != m.group(2):
+        raise damaged(f"{path} fails its checksum", path, work)
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    for rel, (size, digest) in state.get("files", {}).items():
+        f = work / rel
+        if not f.is_file():
+            raise damaged(f"{f} is missing", f, work)
+        got_size, got = hash_file(f)
+        if got_size != size:
+            raise damaged(f"{f} has {got_size} bytes, the checkpoint says {size} "
+                          f"(truncated?)", f, work)
+        if got != digest:
+            raise damaged(f"{f} fails its checksum", f, work)
+    return state
+
+
+def _track(state: dict, work: Path, rel: str, drop: str | None = None) -> None:
+    """Record a finished file's size and sha256 in the checkpoint state (``drop``: a file
+    that is no longer needed, e.g. the states file about to be overwritten)."""
+    files = state.setdefault("files", {})
+    files[rel] = list(hash_file(work / rel))
+    if drop is not None:
+        files.pop(drop, None)
 
 
 def work_dir(out: Path) -> Path:
@@ -235,10 +288,10 @@ def compress_blockwise(model: Any, data: Any, *, out: str | os.PathLike,
     fp = _fingerprint(src, seqs, cfg)
     state = None
     if resume and (work / STATE).is_file():
-        state = torch.load(work / STATE, map_location="cpu", weights_only=False)
         if not model_dir.is_dir():
             raise ValueError(f"cannot resume: {work} has a checkpoint but no model shards "
                              f"(the job had finished? see {out}); drop --resume to rerun")
+        state = _load_state(work)
         if state.get("fingerprint") != fp:
             raise ValueError(f"cannot resume: the work dir {work} belongs to a job with other "
                              f"arguments (model, data or settings); drop --resume to start "
@@ -265,6 +318,8 @@ def compress_blockwise(model: Any, data: Any, *, out: str | os.PathLike,
         del emb
         state = {"fingerprint": fp, "next_block": 0, "current": "a", "blocks": [],
                  "widths": [], "kl_done": False, "seconds": 0.0}
+        _track(state, work, f"model/{shard_name(1, total)}")
+        _track(state, work, "states-a.f32")
         state["rng"] = rng_states()
         _save_state(work, state)
 
@@ -302,6 +357,8 @@ def compress_blockwise(model: Any, data: Any, *, out: str | os.PathLike,
         files[nxt].flush()
         rec = BlockRecord(i, site_recs, err_cut, err, p_before, n_params(layer),
                           time.perf_counter() - t0)
+        _track(state, work, f"model/{shard_name(i + 2, total)}")
+        _track(state, work, f"states-{nxt}.f32", drop=f"states-{cur}.f32")
         state["blocks"].append(rec.to_dict())
         state["widths"].append(layer_widths(layer))
         state.update(next_block=i + 1, current=nxt, rng=rng_states(),

@@ -74,7 +74,7 @@ def fsync_dir(path: Any) -> None:
         os.close(fd)
 
 
-def _hash_file(path: Path, sync: bool = False) -> tuple[int, str]:
+def hash_file(path: Path, sync: bool = False) -> tuple[int, str]:
     """``(size in bytes, sha256 hex)`` of a file; ``sync`` also fsyncs it."""
     h = hashlib.sha256()
     size = 0
@@ -102,7 +102,7 @@ def write_manifest(directory: Any) -> Path:
     root = Path(directory)
     files = {}
     for rel in _files(root):
-        size, digest = _hash_file(root / rel, sync=True)
+        size, digest = hash_file(root / rel, sync=True)
         files[rel] = {"size": size, "sha256": digest}
     path = root / MANIFEST
     with open(path, "w") as f:
@@ -113,7 +113,7 @@ def write_manifest(directory: Any) -> Path:
     return path
 
 
-def _damaged(what: str, path: Path, checkpoint_dir: Any) -> CorruptCheckpointError:
+def damaged(what: str, path: Path, checkpoint_dir: Any) -> CorruptCheckpointError:
     where = Path(checkpoint_dir) if checkpoint_dir is not None else path.parent
     return CorruptCheckpointError(
         f"damaged checkpoint: {what}. It is not loaded. Delete the checkpoint directory "
@@ -140,7 +140,7 @@ def verify_manifest(directory: Any, *, checkpoint_dir: Any = None) -> dict[str, 
     root = Path(directory)
     path = root / MANIFEST
     if not path.is_file():
-        raise _damaged(f"{path} is missing (the checkpoint was not completely written, or "
+        raise damaged(f"{path} is missing (the checkpoint was not completely written, or "
                        f"by an rmtkd without checksums)", path, checkpoint_dir)
     try:
         manifest = json.loads(path.read_text())
@@ -149,23 +149,23 @@ def verify_manifest(directory: Any, *, checkpoint_dir: Any = None) -> dict[str, 
             raise ValueError(f"unknown format {manifest.get('format')!r}")
         entries = {str(rel): (int(e["size"]), str(e["sha256"])) for rel, e in files.items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise _damaged(f"{path} is unreadable ({type(e).__name__}: {e})", path,
+        raise damaged(f"{path} is unreadable ({type(e).__name__}: {e})", path,
                        checkpoint_dir) from e
     for rel, (size, digest) in entries.items():
         f = root / rel
         if not f.is_file():
-            raise _damaged(f"{f} is missing (listed in {MANIFEST})", f, checkpoint_dir)
+            raise damaged(f"{f} is missing (listed in {MANIFEST})", f, checkpoint_dir)
         actual = f.stat().st_size
         if actual != size:
-            raise _damaged(f"{f} has {actual:,} bytes, {MANIFEST} says {size:,} "
+            raise damaged(f"{f} has {actual:,} bytes, {MANIFEST} says {size:,} "
                            f"({'truncated' if actual < size else 'grown'})", f, checkpoint_dir)
-        got = _hash_file(f)[1]
+        got = hash_file(f)[1]
         if got != digest:
-            raise _damaged(f"{f} fails its checksum (sha256 {got[:16]}..., {MANIFEST} says "
+            raise damaged(f"{f} fails its checksum (sha256 {got[:16]}..., {MANIFEST} says "
                            f"{digest[:16]}...)", f, checkpoint_dir)
     extra = [rel for rel in _files(root) if rel not in entries]
     if extra:
-        raise _damaged(f"{root / extra[0]} is not listed in {MANIFEST}", root / extra[0],
+        raise damaged(f"{root / extra[0]} is not listed in {MANIFEST}", root / extra[0],
                        checkpoint_dir)
     return files
 
@@ -228,10 +228,10 @@ def load_checkpoint(checkpoint_dir: Any) -> dict | None:
     try:
         name = latest.read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise _damaged(f"{latest} is unreadable ({e})", latest, root) from e
+        raise damaged(f"{latest} is unreadable ({e})", latest, root) from e
     ck = root / name
     if not name.startswith("step-") or "/" in name or not ck.is_dir():
-        raise _damaged(f"{latest} names the checkpoint {name!r}, which does not exist in "
+        raise damaged(f"{latest} names the checkpoint {name!r}, which does not exist in "
                        f"{root}", latest, root)
     verify_manifest(ck, checkpoint_dir=root)
     try:
@@ -239,5 +239,5 @@ def load_checkpoint(checkpoint_dir: Any) -> dict | None:
         state["model"] = (torch.load(ck / "model.pt", map_location="cpu", weights_only=False)
                           if (ck / "model.pt").is_file() else load(ck))
     except (CorruptModelError, FileNotFoundError) as e:
-        raise _damaged(f"{ck}: {e}", ck, root) from e
+        raise damaged(f"{ck}: {e}", ck, root) from e
     return state

@@ -163,13 +163,45 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
         r = run(point, tmp_path / "o", resume)
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-2000:])
         assert not (tmp_path / "o").exists()
-        state = torch.load(work / "state.pt", weights_only=False)
+        state = blockwise._load_state(work)   # checksums verified
         assert state["next_block"] == done   # resume continues from here
     assert (work / "model" / "model-00004-of-00005.safetensors").is_file()  # block 2, unsaved
     r = run("none", tmp_path / "o", "resume")
     assert r.returncode == 0, r.stderr
     ref = (tmp_path / "ref" / "model.safetensors").read_bytes()
     assert (tmp_path / "o" / "model.safetensors").read_bytes() == ref
+
+
+@pytest.mark.parametrize("damage", ["states", "shard", "state-truncated", "state-flipped"])
+def test_damaged_checkpoint_is_refused(tmp_path, monkeypatch, damage):
+    """A job stopped after block 0; a damaged file of its checkpoint is reported by name
+    on --resume, never loaded."""
+    model, ids = llama(layers=3), tokens(8)
+    real = blockwise.load_layer
+
+    def stop_at_block_1(src, i, dev):
+        if i == 1:
+            raise KeyboardInterrupt("stopped")
+        return real(src, i, dev)
+
+    monkeypatch.setattr(blockwise, "load_layer", stop_at_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        compress_blockwise(model, ids, out=tmp_path / "o", config=cfg(mode="project"))
+    monkeypatch.setattr(blockwise, "load_layer", real)
+    work = tmp_path / ".o.work"
+    assert blockwise._load_state(work)["next_block"] == 1
+    target = {"states": work / "states-b.f32",
+              "shard": work / "model" / "model-00002-of-00005.safetensors",
+              "state-truncated": work / "state.pt", "state-flipped": work / "state.pt"}[damage]
+    data = bytearray(target.read_bytes())
+    if damage == "state-truncated":
+        data = data[: len(data) - 100]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(rmtkd.CorruptCheckpointError, match=target.name):
+        compress_blockwise(model, ids, out=tmp_path / "o", config=cfg(mode="project"),
+                           resume=True)
 
 
 def test_states_are_memory_mapped_on_disk(tmp_path, monkeypatch):
