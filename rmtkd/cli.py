@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the fit of a conv site counts as samples (default: images)")
     c.add_argument("--acc-dtype", choices=("float32", "float64"),
                    help="covariance accumulation dtype (default float32)")
+    c.add_argument("--data-parallel", choices=("ddp", "fsdp"),
+                   help="with --distributed: DDP replicas (default) or FSDP-sharded "
+                   "distillation")
     c.add_argument("--batch-size", type=int,
                    help="batch size for --data tensors (default 64)")
     c.add_argument("--quiet", action="store_true", help="no progress bars and no step table")
@@ -357,7 +360,7 @@ def _compress_config(args: argparse.Namespace, job: dict, example_defaults: dict
 
     fields = {**example_defaults, **config_fields(job.get("compress", {}), "[compress]")}
     for flag in ("mode", "epsilon", "task", "estimator", "margin", "solver", "seed",
-                 "conv_samples", "acc_dtype"):
+                 "conv_samples", "acc_dtype", "data_parallel"):
         if getattr(args, flag) is not None:
             fields[flag] = getattr(args, flag)
     fields["progress"] = not args.quiet

@@ -40,7 +40,7 @@ from .capture.sites import (CONV_SAMPLES, _describe, batch_size, batch_to, fit_s
                              model_device)
 from .distill.trainer import (TASKS, NonFiniteLossError, batch_labels, model_inputs,
                               model_output)
-from .distributed import (agree, all_or_none, check_same, check_same_plan,
+from .distributed import (DATA_PARALLEL, agree, all_or_none, check_same, check_same_plan,
                           collect_sharded_statistics, distributed_distill, is_distributed,
                           is_main)
 from .reduce import Reduction, UnsupportedModuleError, head_reduction, reduce_site
@@ -81,6 +81,9 @@ class CompressConfig:
     distil_from: the teacher of each step's distillation: "previous" (the paper's: the model
     just before the step) or "original" (the uncompressed model, so each step also repairs
     the drift of the earlier ones; the roll-back target stays the previous model).
+    data_parallel: under torch.distributed, "ddp" (a full student per rank) or "fsdp"
+    (parameters, gradients and optimizer state sharded during distillation; surgery still
+    needs the whole model on every rank) (:func:`rmtkd.distributed.distributed_distill`).
     epsilon: largest allowed metric drop (points) against the original model.
     rho_min: stop when k/d < rho_min. param_target: stop when parameters <= param_target *
     original. max_steps: most reduction steps tried. on_violation: "skip" or "stop" after a
@@ -108,6 +111,7 @@ class CompressConfig:
     distill_epochs: int = 3
     distill_min_steps: int = 200
     distil_from: str = "previous"
+    data_parallel: str = "ddp"
     epsilon: float = 2.0
     rho_min: float = 0.0
     param_target: float | None = None
@@ -135,6 +139,9 @@ class CompressConfig:
         if self.distil_from not in DISTIL_FROM:
             raise ValueError(f"distil_from must be one of {DISTIL_FROM}, "
                              f"got {self.distil_from!r}")
+        if self.data_parallel not in DATA_PARALLEL:
+            raise ValueError(f"data_parallel must be one of {DATA_PARALLEL}, "
+                             f"got {self.data_parallel!r}")
         if self.on_violation not in ON_VIOLATION:
             raise ValueError(f"on_violation must be one of {ON_VIOLATION}, "
                              f"got {self.on_violation!r}")
@@ -597,6 +604,7 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
                                         lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                         epochs=cfg.distill_epochs,
                                         min_steps=cfg.distill_min_steps, progress=progress,
+                                        data_parallel=cfg.data_parallel,
                                         desc=f"distil {site.module_name}")
                     rec.metric_after = metric(model)
                     if math.isnan(rec.metric_after):
@@ -676,7 +684,8 @@ def _check_resumable(state: dict, cfg: CompressConfig, site_names: list[str]) ->
     now = _resume_config(cfg)
     # checkpoints written before rank_rule existed used the MP rule
     state = {**state, "config": {"rank_rule": "mp", "acc_dtype": "float32",
-                                 "distil_from": "previous", **state["config"]}}
+                                 "distil_from": "previous", "data_parallel": "ddp",
+                                 **state["config"]}}
     diff = sorted(k for k in set(now) | set(state["config"])
                   if now.get(k) != state["config"].get(k))
     if diff:

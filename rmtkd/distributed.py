@@ -14,8 +14,9 @@ runs distributed whenever a process group with more than one rank is initialized
 - Distillation: the student is wrapped in ``DistributedDataParallel`` (:func:`wrap_ddp`)
   and each rank trains on its shard of every epoch's shuffled batch order
   (:class:`ShardedBatches`); the teacher stays an unwrapped, frozen copy on each rank.
-  FSDP is not used: the model is cut and deep-copied (the teacher) at every step, which
-  needs the full parameters on each rank.
+  With ``data_parallel="fsdp"`` an FSDP2-sharded copy (:func:`shard_fsdp`) is trained
+  instead and gathered back (:func:`full_state_dict`): surgery and the teacher copy need
+  the full parameters on each rank, so FSDP saves memory only while distilling.
 - Only rank 0 writes checkpoints and reports; :func:`check_same` guards that every rank
   reached the same plan, and :func:`all_or_none` turns an error on one rank into an error
   on every rank (instead of the others waiting forever in the next collective).
@@ -26,6 +27,7 @@ than one rank, so single-process runs are unchanged.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -38,6 +40,7 @@ from torch import nn
 
 from .ops.covariance import CovarianceAccumulator, CovarianceStats
 
+DATA_PARALLEL = ("ddp", "fsdp")
 T = TypeVar("T")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -397,17 +400,65 @@ def wrap_ddp(model: nn.Module, *, static_graph: bool = True) -> nn.Module:
                                    static_graph=static_graph)
 
 
-def distributed_distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Any],
-                        **kwargs: Any) -> dict[str, Any]:
-    """:func:`rmtkd.distill.distill` under DDP: the student wrapped by :func:`wrap_ddp`,
-    each rank on its :class:`ShardedBatches` of ``batches`` (every epoch's order), the
-    teacher frozen and unwrapped on each rank. ``kwargs`` go to ``distill``; progress is
-    shown on rank 0 only. Plain ``distill`` when not distributed."""
+def shard_fsdp(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``):
+    every module owning parameters is one unit (a parameter shared between modules stays
+    with the first), then the root. Parameters, gradients and Adam's state are split across
+    the ranks; each unit's parameters are all-gathered only for its forward/backward.
+    Rank 0's weights are broadcast first (as DDP does).
+    Read the trained weights back with :func:`full_state_dict`."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(model)
+    with torch.no_grad():   # start from rank 0's weights, as DDP does
+        for t in [*sharded.parameters(), *sharded.buffers()]:
+            dist.broadcast(t.data, src=0)
+    seen: set[int] = set()
+    for module in list(sharded.modules())[1:]:
+        own = [id(p) for p in module.parameters(recurse=False)]
+        if own and not seen.intersection(own):
+            fully_shard(module)
+        seen.update(own)
+    fully_shard(sharded)
+    return sharded
+
+
+def full_state_dict(sharded: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of an FSDP2 model, on every rank (one all-gather per
+    parameter)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+
+
+def distributed_distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Any], *,
+                        data_parallel: str = "ddp", **kwargs: Any) -> dict[str, Any]:
+    """:func:`rmtkd.distill.distill` over the ranks: each rank on its
+    :class:`ShardedBatches` of ``batches`` (every epoch's order), the teacher frozen and
+    unwrapped on each rank, progress on rank 0 only. ``kwargs`` go to ``distill``. Plain
+    ``distill`` when not distributed.
+
+    data_parallel: "ddp" (the student wrapped by :func:`wrap_ddp`: a full replica per rank,
+    gradients all-reduced) or "fsdp" (a :func:`shard_fsdp` copy is trained, parameters,
+    gradients and optimizer state split across the ranks; its weights are then gathered
+    back into ``student``, which surgery needs whole).
+    """
     from .distill.trainer import distill
 
+    if data_parallel not in DATA_PARALLEL:
+        raise ValueError(f"data_parallel must be one of {DATA_PARALLEL}, got {data_parallel!r}")
     if not is_distributed():
         return distill(student, teacher, batches, **kwargs)
     kwargs["progress"] = kwargs.get("progress", True) and is_main()
+    if data_parallel == "fsdp":
+        sharded = shard_fsdp(student)
+        try:
+            info = distill(sharded, teacher, ShardedBatches(batches), **kwargs)
+            student.load_state_dict(full_state_dict(sharded))
+        finally:
+            del sharded
+        student.eval()
+        return info
     ddp = wrap_ddp(student)
     try:
         return distill(ddp, teacher, ShardedBatches(batches), **kwargs)

@@ -121,6 +121,29 @@ def check_ddp() -> dict:
             "shard_rows": seen, "training": student.training}
 
 
+def check_fsdp() -> dict:
+    """The same distillation as check_ddp under DDP and under FSDP (sharded student)."""
+    teacher = mlp(0).eval()
+    xs = spiked_inputs((16, 17, 15, 16, 13, 16, 18), seed=2)
+    data = [(x, teacher(x).argmax(-1)) for x in xs]
+    flats = {}
+    for how in ("ddp", "fsdp"):
+        student = mlp(1)
+        if D.rank() == 1:   # rank 0's start must win under both
+            with torch.no_grad():
+                for p in student.parameters():
+                    p.add_(1.0)
+        train = C._Batches(data, what="train", shuffle=True, seed=0)
+        D.distributed_distill(student, teacher, train, epochs=2, warmup_steps=2, lr=1e-2,
+                              progress=False, data_parallel=how)
+        flats[how] = torch.cat([p.detach().flatten() for p in student.parameters()])
+    diff = float((flats["fsdp"] - flats["ddp"]).norm() / flats["ddp"].norm())
+    moved = float((flats["fsdp"] - torch.cat([p.detach().flatten()
+                                              for p in mlp(1).parameters()])).norm())
+    return {"fsdp_vs_ddp": diff, "moved": moved, "fsdp_all_ranks": gathered(flats["fsdp"]),
+            "plain_tensors": all(type(p) is torch.nn.Parameter for p in student.parameters())}
+
+
 def check_compress(tmp: Path) -> dict:
     teacher = mlp(0).eval()
     xs = spiked_inputs([25] * 8, seed=4)
@@ -189,6 +212,7 @@ def main() -> None:
                "backend": torch.distributed.get_backend()}
         res["calib"] = check_calibration()
         res["ddp"] = check_ddp()
+        res["fsdp"] = check_fsdp()
         res["compress"] = check_compress(out)
         res["errors"] = check_errors()
         (out / f"rank{D.rank()}.json").write_text(json.dumps(res))

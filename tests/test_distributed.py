@@ -197,6 +197,17 @@ def test_ddp_distillation_keeps_replicas_identical(ranks):
     assert a["moved"] > 1e-3 and not a["training"]
 
 
+def test_fsdp_distillation_matches_ddp(ranks):
+    """FSDP-sharded distillation: the same weights as DDP (up to the reduction order), the
+    same on every rank, gathered back into plain parameters."""
+    a, b = (r["fsdp"] for r in ranks)
+    assert a["fsdp_vs_ddp"] < 1e-5 and b["fsdp_vs_ddp"] < 1e-5, (a["fsdp_vs_ddp"],
+                                                                  b["fsdp_vs_ddp"])
+    assert a["moved"] > 1e-3
+    assert a["fsdp_all_ranks"][0] == a["fsdp_all_ranks"][1]
+    assert a["plain_tensors"] and b["plain_tensors"]
+
+
 def test_compress_same_plan_and_rank0_writes(ranks):
     a, b = (r["compress"] for r in ranks)
     assert a["plan"] == b["plan"] and len(a["plan"]) == 2
