@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import json
 import os
@@ -94,8 +95,17 @@ def init_from_env(backend: str | None = None) -> bool:
 
 
 def destroy() -> None:
-    """Destroy the default process group if one is initialized."""
+    """Destroy the default process group if one is initialized, after a barrier (so no
+    rank tears down its connections while a peer still has a collective in flight)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            try:   # bounded: a rank that died must not keep the others here
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                else:
+                    dist.barrier()
+            except RuntimeError:
+                pass
         dist.destroy_process_group()
 
 
