@@ -55,7 +55,6 @@ cache and ``generate`` work unchanged.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -66,6 +65,7 @@ import torch
 from torch import nn
 
 from ._fs import atomic_directory
+from .checkpoint import hash_file
 
 FORMAT = "rmtkd-model"
 HF_FORMAT = "rmtkd-hf"
@@ -257,7 +257,7 @@ def build_from_spec(spec: dict) -> nn.Module:
         if kind == "hf":   # a Hugging Face model nested in a wrapper (architecture_spec)
             dtype = getattr(torch, str(s.get("dtype")), None) if s.get("dtype") else None
             try:
-                m = _hf_build(_hf_class(s.get("hf_class")), s.get("config") or {},
+                m = hf_build(_hf_class(s.get("hf_class")), s.get("config") or {},
                               dtype if isinstance(dtype, torch.dtype) else None)
             except (ValueError, TypeError, KeyError) as e:
                 raise CorruptModelError(f"plan.json: cannot rebuild {s.get('hf_class')} at "
@@ -295,11 +295,7 @@ def build_from_spec(spec: dict) -> nn.Module:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path)[1]
 
 
 def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -519,7 +515,7 @@ def _hf_config_dict(model: nn.Module) -> dict:
     return cfg
 
 
-def _hf_build(cls: type, cfg: dict, dtype: torch.dtype | None, device: Any = None
+def hf_build(cls: type, cfg: dict, dtype: torch.dtype | None, device: Any = None
               ) -> nn.Module:
     from .reduce.bert import apply_bert_widths
     from .reduce.llama import apply_llama_widths
@@ -552,7 +548,7 @@ def _hf_check(model: nn.Module) -> dict:
                                     f"{_hf_supported_text()}")
     cfg = _hf_config_dict(model)
     try:
-        ref = _hf_build(cls, cfg, _float_dtype(model), device="meta")
+        ref = hf_build(cls, cfg, _float_dtype(model), device="meta")
     except Exception as e:   # noqa: BLE001 - any failure means load could not rebuild it
         raise UnsupportedModelError(f"cannot rebuild {name} from its config: {e}") from e
     mods = {n: type(m) for n, m in model.named_modules()}
@@ -615,7 +611,7 @@ def _load_hf(p: Path, plan: dict, state: dict[str, torch.Tensor],
         if not isinstance(dtype, torch.dtype):
             raise CorruptModelError(f"plan.json: unknown dtype {plan['dtype']!r}")
     try:
-        model = _hf_build(cls, cfg, dtype)
+        model = hf_build(cls, cfg, dtype)
     except (ValueError, TypeError, KeyError) as e:
         raise CorruptModelError(f"cannot rebuild {cls.__name__} from {p / HF_CONFIG}: "
                                 f"{e}") from e

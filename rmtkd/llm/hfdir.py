@@ -212,9 +212,9 @@ def build_from_shards(shard_dir: Path, shards: list[str], cfg: dict) -> nn.Modul
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    from ..io import _hf_build
+    from ..io import hf_build
 
-    model = _hf_build(LlamaForCausalLM, cfg, None)
+    model = hf_build(LlamaForCausalLM, cfg, None)
     state: dict[str, torch.Tensor] = {}
     for s in shards:
         state.update(load_file(str(shard_dir / s)))
@@ -244,7 +244,8 @@ def write_model(out_dir: Path, shard_dir: Path, shards: list[str], cfg: dict,
 
     from .. import __version__
     from ..checkpoint import fsync_dir
-    from ..io import FORMAT_VERSION, HF_FORMAT, PLAN, WEIGHTS, _sha256
+    from ..checkpoint import hash_file
+    from ..io import FORMAT_VERSION, HF_FORMAT, PLAN, WEIGHTS
 
     header: dict[str, Any] = {"__metadata__": {"format": HF_FORMAT}}
     order, offset, params = [], 0, 0
@@ -277,7 +278,7 @@ def write_model(out_dir: Path, shard_dir: Path, shards: list[str], cfg: dict,
                if cfg.get("tie_word_embeddings") else {})
     plan = {"format": HF_FORMAT, "format_version": FORMAT_VERSION, "rmtkd_version": __version__,
             "hf_class": "LlamaForCausalLM", "dtype": cfg.get("dtype"), "aliases": aliases,
-            "frozen": [], "sha256": _sha256(out_dir / WEIGHTS), **extras}
+            "frozen": [], "sha256": hash_file(out_dir / WEIGHTS)[1], **extras}
     for name, obj in (("config.json", cfg), (PLAN, plan)):
         with open(out_dir / name, "w") as f:
             json.dump(obj, f, indent=1, default=str)
