@@ -52,6 +52,7 @@ from .spectral.estimators import DEFAULT_MARGIN
 
 ON_VIOLATION = ("skip", "stop")
 DISTIL_FROM = ("previous", "original")
+ACC_DTYPES = ("float32", "float64")
 DATASET_BATCH_SIZE = 64
 
 
@@ -123,28 +124,14 @@ class CompressConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid setting."""
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.width_surgery not in SURGERIES:
-            raise ValueError(f"width_surgery must be one of {SURGERIES}, "
-                             f"got {self.width_surgery!r}")
-        if self.conv_samples not in CONV_SAMPLES:
-            raise ValueError(f"conv_samples must be one of {CONV_SAMPLES}, "
-                             f"got {self.conv_samples!r}")
-        if self.acc_dtype not in ("float32", "float64"):
-            raise ValueError(f"acc_dtype must be 'float32' or 'float64', "
-                             f"got {self.acc_dtype!r}")
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.distil_from not in DISTIL_FROM:
-            raise ValueError(f"distil_from must be one of {DISTIL_FROM}, "
-                             f"got {self.distil_from!r}")
-        if self.data_parallel not in DATA_PARALLEL:
-            raise ValueError(f"data_parallel must be one of {DATA_PARALLEL}, "
-                             f"got {self.data_parallel!r}")
-        if self.on_violation not in ON_VIOLATION:
-            raise ValueError(f"on_violation must be one of {ON_VIOLATION}, "
-                             f"got {self.on_violation!r}")
+        for name, allowed in (("mode", MODES), ("width_surgery", SURGERIES),
+                              ("conv_samples", CONV_SAMPLES), ("acc_dtype", ACC_DTYPES),
+                              ("task", TASKS), ("distil_from", DISTIL_FROM),
+                              ("data_parallel", DATA_PARALLEL),
+                              ("on_violation", ON_VIOLATION)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
         if not 0.0 < self.calib_fraction <= 1.0:
             raise ValueError(f"calib_fraction must be in (0, 1], got {self.calib_fraction}")
         if self.param_target is not None and not 0.0 < self.param_target <= 1.0:
@@ -682,10 +669,8 @@ def _resume_config(cfg: CompressConfig) -> dict:
 
 def _check_resumable(state: dict, cfg: CompressConfig, site_names: list[str]) -> None:
     now = _resume_config(cfg)
-    # checkpoints written before rank_rule existed used the MP rule
-    state = {**state, "config": {"rank_rule": "mp", "acc_dtype": "float32",
-                                 "distil_from": "previous", "data_parallel": "ddp",
-                                 **state["config"]}}
+    # fields added after the checkpoint was written had their defaults then
+    state = {**state, "config": {**_resume_config(CompressConfig()), **state["config"]}}
     diff = sorted(k for k in set(now) | set(state["config"])
                   if now.get(k) != state["config"].get(k))
     if diff:
