@@ -79,6 +79,11 @@ class CompressConfig:
     lr, warmup_steps, distill_epochs, distill_min_steps: the distillation after each
     reduction step (:func:`rmtkd.distill.distill`: at least distill_min_steps optimizer
     steps, so small data sets get more than 3 short epochs).
+    distill_features, feature_weight: fnmatch globs of modules whose outputs the student
+    also matches to the teacher's during distillation (``feature_weight`` times the mean
+    relative squared error, :func:`rmtkd.distill.feature_loss`), e.g.
+    ``["bert.encoder.layer.?"]`` (each BERT layer's hidden states); None: the task loss
+    alone. The outputs must keep their shape through the cuts.
     distil_from: the teacher of each step's distillation: "previous" (the paper's: the model
     just before the step) or "original" (the uncompressed model, so each step also repairs
     the drift of the earlier ones; the roll-back target stays the previous model).
@@ -111,6 +116,8 @@ class CompressConfig:
     warmup_steps: int = 20
     distill_epochs: int = 3
     distill_min_steps: int = 200
+    distill_features: list[str] | None = None
+    feature_weight: float = 1.0
     distil_from: str = "previous"
     data_parallel: str = "ddp"
     epsilon: float = 2.0
@@ -140,6 +147,13 @@ class CompressConfig:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.distill_epochs < 0 or self.warmup_steps < 0 or self.distill_min_steps < 0:
             raise ValueError("distill_epochs, distill_min_steps and warmup_steps must be >= 0")
+        if self.feature_weight < 0:
+            raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
+        if self.distill_features is not None and (
+                isinstance(self.distill_features, str)
+                or not all(isinstance(p, str) for p in self.distill_features)):
+            raise ValueError(f"distill_features must be a list of module-name globs, got "
+                             f"{self.distill_features!r}")
         if not 0.0 <= self.rho_min <= 1.0:
             raise ValueError(f"rho_min must be in [0, 1], got {self.rho_min}")
         parse_rule(self.rank_rule)
@@ -592,6 +606,8 @@ def compress(model: nn.Module, train_data: Any, *, eval_data: Any = None,
                                         epochs=cfg.distill_epochs,
                                         min_steps=cfg.distill_min_steps, progress=progress,
                                         data_parallel=cfg.data_parallel,
+                                        features=cfg.distill_features,
+                                        feature_weight=cfg.feature_weight,
                                         desc=f"distil {site.module_name}")
                     rec.metric_after = metric(model)
                     if math.isnan(rec.metric_after):

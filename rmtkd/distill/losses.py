@@ -3,7 +3,9 @@
 ``kd_loss``: alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(p_teacher || p_student),
 with p = softmax(logits / T); the T^2 factor keeps the soft term's gradient scale independent
 of T (Hinton et al., 2015). ``embedding_loss``: for tasks without labels, match the teacher's
-output embeddings: MSE + (1 - cosine similarity).
+output embeddings: MSE + (1 - cosine similarity). ``feature_loss``: intermediate outputs
+(e.g. each transformer layer's hidden states) matched by relative squared error, added to
+either task's loss when ``distill(features=...)`` names modules.
 """
 from __future__ import annotations
 
@@ -52,3 +54,28 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, *,
     s, t = student.reshape(-1, d).float(), teacher.detach().reshape(-1, d).float()
     cos = F.cosine_similarity(s, t, dim=-1).mean()
     return F.mse_loss(s, t) + cosine_weight * (1.0 - cos)
+
+
+def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the pairs of ``||s - t||^2 / ||t||^2`` (the relative squared error of a
+    student's intermediate output against the teacher's; the teacher is detached). With
+    ``mask`` (e.g. an attention mask ``[B, T]``, 1 = real token), a pair whose leading dims
+    equal the mask's shape counts only the masked-in positions (padding is ignored);
+    other pairs count everything. A scalar."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"feature_loss needs the same positive number of student and "
+                         f"teacher tensors, got {len(student)} and {len(teacher)}")
+    terms = []
+    for i, (s, t) in enumerate(zip(student, teacher)):
+        if s.shape != t.shape:
+            raise ValueError(f"feature {i}: student shape {tuple(s.shape)} != teacher shape "
+                             f"{tuple(t.shape)} (match only modules whose outputs keep "
+                             f"their shape after the cut, e.g. whole transformer layers)")
+        s, t = s.float(), t.detach().float()
+        err, ref = (s - t) ** 2, t ** 2
+        if mask is not None and s.shape[:mask.dim()] == mask.shape:
+            w = mask.to(s.dtype).reshape(*mask.shape, *([1] * (s.dim() - mask.dim())))
+            err, ref = err * w, ref * w
+        terms.append(err.sum() / ref.sum().clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.stack(terms).mean()

@@ -7,7 +7,10 @@ a cosine (a constant rate knocked a converged CNN off its minimum: MNIST ResNet
 accuracy fell from 96.5% right after a cut to 95.1% after distillation), with Adam on
 
 - task ``"classification"``: ``kd_loss(student_logits, teacher_logits, labels, alpha, T)``;
-- task ``"embedding"``: ``embedding_loss(student_out, teacher_out)`` (no labels needed).
+- task ``"embedding"``: ``embedding_loss(student_out, teacher_out)`` (no labels needed);
+- plus, with ``features`` (module-name globs), ``feature_weight * feature_loss`` of those
+  modules' outputs in student and teacher (intermediate-layer matching, as TinyBERT and
+  MiniLM distil: far more signal per sentence than one embedding).
 
 The teacher is frozen (eval mode, no gradients). A non-finite loss, gradient or parameter
 raises :class:`NonFiniteLossError`; the caller (``rmtkd.compress``) rolls the step back.
@@ -15,7 +18,8 @@ raises :class:`NonFiniteLossError`; the caller (``rmtkd.compress``) rolls the st
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -24,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..capture.sites import batch_to, model_device, split_batch
 from ..distributed import all_true
-from .losses import embedding_loss, kd_loss
+from .losses import embedding_loss, feature_loss, kd_loss
 
 TASKS = ("classification", "embedding")
 
@@ -83,6 +87,46 @@ def lr_schedule(warmup_steps: int, total_steps: int | None):
     return factor
 
 
+def feature_modules(student: nn.Module, teacher: nn.Module, patterns: Sequence[str]
+                    ) -> list[str]:
+    """Names (in module order) of the student's modules matching any fnmatch glob of
+    ``patterns`` (a DDP wrapper's ``module.`` prefix is looked through), each also a module
+    of the teacher.
+
+    Raises:
+        ValueError: no module matches, or a match is missing from the teacher.
+    """
+    names = [n for n, _ in _inner(student).named_modules()
+             if n and any(fnmatchcase(n, p) for p in patterns)]
+    if not names:
+        raise ValueError(f"no module of the student matches the feature patterns "
+                         f"{list(patterns)}")
+    teacher_names = {n for n, _ in teacher.named_modules()}
+    missing = [n for n in names if n not in teacher_names]
+    if missing:
+        raise ValueError(f"feature modules {missing} are not in the teacher")
+    return names
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+
+
+def _capture(model: nn.Module, names: list[str]
+             ) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    """Forward hooks storing each named module's output (element 0 of a tuple) by name:
+    ``(outputs, hook handles)``; the caller removes the handles."""
+    out: dict[str, torch.Tensor] = {}
+    modules = dict(_inner(model).named_modules())
+
+    def hook(name: str):
+        def store(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            out[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return store
+
+    return out, [modules[n].register_forward_hook(hook(n)) for n in names]
+
+
 def _check_finite(student: nn.Module, what: str) -> None:
     for name, p in student.named_parameters():
         if not bool(torch.isfinite(p).all()):
@@ -103,6 +147,8 @@ def distill(
     min_steps: int = 0,
     progress: bool = True,
     desc: str = "distil",
+    features: Sequence[str] | None = None,
+    feature_weight: float = 1.0,
 ) -> dict[str, Any]:
     """Train ``student`` in place to match the frozen ``teacher`` on ``batches``.
 
@@ -121,6 +167,11 @@ def distill(
         min_steps: with epochs > 0, add passes until at least this many optimizer steps
             are taken (small data sets: 3 epochs of 20 batches are too few to recover a
             cut); needs ``len(batches)``.
+        features: fnmatch globs of module names (:func:`feature_modules`) whose outputs
+            the student matches to the teacher's, adding ``feature_weight *``
+            :func:`rmtkd.distill.feature_loss` (masked by a dict batch's
+            ``attention_mask``); the outputs must keep their shape through the cuts
+            (transformer layers: the residual stream). None: the task loss alone.
 
     Returns:
         ``{"steps", "epochs", "loss" (mean of the last epoch), "epoch_losses"}``.
@@ -135,6 +186,9 @@ def distill(
     if epochs < 0 or warmup_steps < 0 or min_steps < 0:
         raise ValueError(f"epochs, warmup_steps and min_steps must be >= 0, got {epochs}, "
                          f"{warmup_steps}, {min_steps}")
+    if feature_weight < 0:
+        raise ValueError(f"feature_weight must be >= 0, got {feature_weight}")
+    names = feature_modules(student, teacher, features) if features else []
     params = [p for p in student.parameters() if p.requires_grad]
     if epochs > 0 and min_steps > 0 and hasattr(batches, "__len__") and len(batches) > 0:
         epochs = max(epochs, -(-min_steps // len(batches)))
@@ -150,6 +204,8 @@ def distill(
     step = 0
     epoch_losses: list[float] = []
     student.train()
+    s_feats, s_hooks = _capture(student, names)
+    t_feats, t_hooks = _capture(teacher, names)
     try:
         for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress,
                           leave=False):
@@ -170,6 +226,11 @@ def distill(
                     loss = kd_loss(s_out, t_out, labels, alpha=alpha, temperature=temperature)
                 else:
                     loss = embedding_loss(s_out, t_out)
+                if names:
+                    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                    loss = loss + feature_weight * feature_loss(
+                        [s_feats[n] for n in names], [t_feats[n] for n in names],
+                        None if mask is None else mask.to(device))
                 finite = bool(torch.isfinite(loss))
                 if not all_true(finite):   # under DDP every rank stops at the same step
                     where = "" if not finite else " on another rank"
@@ -187,6 +248,8 @@ def distill(
             epoch_losses.append(total / max(count, 1))
         _check_finite(student, f"after {step} distillation steps")
     finally:
+        for h in s_hooks + t_hooks:
+            h.remove()
         student.eval()
     return {"steps": step, "epochs": epochs,
             "loss": epoch_losses[-1] if epoch_losses else math.nan,
