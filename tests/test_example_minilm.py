@@ -113,6 +113,10 @@ def test_docstring_sentences_are_deterministic_and_disjoint_from_the_topics(tmp_
         "The module docstring is the very first sentence.",
         "It has two paragraphs of normal text.",
         "Second file comes after the first one in order."]
+    # cached per (path, exclude): a caller mutating its list does not change the next
+    first = M.load_docstring_sentences(exclude=[])
+    first.clear()
+    assert len(M.load_docstring_sentences(exclude=[])) == 4
 
 
 # ------------------------------------------------------------------------- tiny encoder

@@ -33,6 +33,7 @@ embeddings and pooler excluded).
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import re
 import sysconfig
@@ -277,9 +278,17 @@ def load_docstring_sentences(exclude: list[str] | None = None) -> list[str]:
     module, class and function (``ast.get_docstring``) split with :func:`split_sentences`.
     Duplicates, and sentences also in ``exclude`` (default: :func:`load_sentences`, so
     none can leak into the topic validation / test splits), are dropped, compared
-    case-insensitively. Deterministic for a given CPython version; takes a few seconds."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    seen = {s.casefold() for s in (load_sentences() if exclude is None else exclude)}
+    case-insensitively. Deterministic for a given CPython version; the parse takes a few
+    seconds and is cached per (stdlib path, exclude) for the life of the process."""
+    root = sysconfig.get_paths()["stdlib"]
+    return list(_docstring_sentences(root, tuple(load_sentences() if exclude is None
+                                                 else exclude)))
+
+
+@functools.lru_cache(maxsize=4)
+def _docstring_sentences(root_dir: str, exclude: tuple[str, ...]) -> tuple[str, ...]:
+    root = Path(root_dir)
+    seen = {s.casefold() for s in exclude}
     out: list[str] = []
     for path in sorted(root.rglob("*.py")):
         if _STDLIB_SKIP.intersection(path.relative_to(root).parts):
@@ -297,7 +306,7 @@ def load_docstring_sentences(exclude: list[str] | None = None) -> list[str]:
                 if sent.casefold() not in seen:
                     seen.add(sent.casefold())
                     out.append(sent)
-    return out
+    return tuple(out)
 
 
 def sentence_splits(seed: int = 0, fractions: tuple[float, float, float] = SPLIT_FRACTIONS,
