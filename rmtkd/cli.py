@@ -518,7 +518,7 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
              seconds: float) -> dict:
     """The report's summary: parameters, metric on the test split, CPU latency at batch size
     1 (median of 200 passes), before and after; the report adds the size on disk."""
-    from .compress import first_sample, latency_ms, saved_size
+    from .compress import first_sample, input_shape, latency_ms, saved_size
 
     example = first_sample(test)
     lat_before, lat_after = latency_ms(model, example), latency_ms(result.model, example)
@@ -529,7 +529,7 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
             f"{before:.2f} -> {after:.2f} ({after - before:+.2f} points)",
         result.metric_name + " (validation)":
             f"{result.original_metric:.2f} -> {result.final_metric:.2f}",
-        "CPU latency, batch 1 (median of 200)":
+        f"CPU latency, batch 1, input {input_shape(example)} (median of 200)":
             f"{lat_before:.4f} ms -> {lat_after:.4f} ms ({lat_before / lat_after:.2f}x)",
         "steps": f"{len(result.history)} tried: " + ", ".join(
             f"{r.site} {r.status}" for r in result.history),
@@ -541,7 +541,8 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
             "val_metric_before": result.original_metric,
             "val_metric_after": result.final_metric, "bytes_before": saved_size(model),
             "latency_ms_before": lat_before,
-            "latency_ms_after": lat_after, "seconds": seconds}
+            "latency_ms_after": lat_after, "latency_input_shape": input_shape(example),
+            "seconds": seconds}
 
 
 def _checkpoint_dir(out: Path) -> Path:

@@ -704,13 +704,35 @@ def _check_resumable(state: dict, cfg: CompressConfig, site_names: list[str]) ->
 
 
 def first_sample(batches: Any) -> Any:
-    """The first sample of the first batch, as a batch of one (tensor, tuple or dict)."""
+    """The first sample of the first batch, as a batch of one (tensor, tuple or dict). A dict
+    batch with a right-padded 2-d ``attention_mask`` is cut to the sample's own length: a
+    batch of one needs no padding, and timing pad tokens would time the wrong input."""
     batch = next(iter(batches))
     args, kwargs = model_inputs(batch)
     one = lambda v: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v  # noqa: E731
+    if not kwargs:
+        return one(args[0])
+    out = {k: one(v) for k, v in kwargs.items()}
+    mask = out.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        n, t = int(mask.sum()), mask.shape[1]
+        if 0 < n < t and bool(mask[0, :n].all()):   # right padding only
+            out = {k: v[:, :n] if isinstance(v, torch.Tensor) and v.dim() >= 2
+                   and v.shape[1] == t else v for k, v in out.items()}
+    return out
+
+
+def input_shape(example: Any) -> list[int]:
+    """The shape of ``example``'s main input (a tensor, the first of a tuple, or a dict's
+    ``input_ids`` / first tensor), for reports."""
+    args, kwargs = model_inputs(example)
     if kwargs:
-        return {k: one(v) for k, v in kwargs.items()}
-    return one(args[0])
+        v = kwargs.get("input_ids")
+        if not isinstance(v, torch.Tensor):
+            v = next((x for x in kwargs.values() if isinstance(x, torch.Tensor)), None)
+    else:
+        v = args[0] if args else None
+    return list(v.shape) if isinstance(v, torch.Tensor) else []
 
 
 def latency_ms(model: nn.Module, example: Any, *, passes: int = 200, warmup: int = 20

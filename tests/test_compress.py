@@ -218,6 +218,7 @@ def test_cli_compress_writes_report(tmp_path: Path, capsys):
     s = report["summary"]
     assert 0 < s["bytes_after"] < s["bytes_before"]
     assert s["latency_ms_before"] > 0 and s["latency_ms_after"] > 0
+    assert s["latency_input_shape"] == [1, 64]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
     with pytest.raises(SystemExit) as e:
@@ -225,3 +226,19 @@ def test_cli_compress_writes_report(tmp_path: Path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rmtkd: error: ") and "--force" in err[0]
+
+
+def test_first_sample_is_one_unpadded_sample_and_input_shape_names_it():
+    from rmtkd.compress import first_sample, input_shape
+
+    x, y = torch.randn(4, 7), torch.arange(4)
+    assert torch.equal(first_sample([(x, y)]), x[:1]) and input_shape(x[:1]) == [1, 7]
+    ids = torch.arange(12).view(2, 6)
+    right = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    one = first_sample([{"input_ids": ids, "attention_mask": right,
+                         "token_type_ids": torch.zeros_like(ids), "labels": y[:2]}])
+    assert set(one) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert torch.equal(one["input_ids"], ids[:1, :3]) and one["attention_mask"].all()
+    assert input_shape(one) == [1, 3]
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])   # left padding: left as it is
+    assert first_sample([{"input_ids": ids, "attention_mask": left}])["input_ids"].shape == (1, 6)

@@ -20,7 +20,7 @@ Sentences: English text that ships with CPython, split into sentences by
   there are 2,075 sentences: 1,452 / 207 / 416 (seed 0). Validation decides roll-backs,
   test is reported.
 * :func:`load_docstring_sentences`: the docstrings of the standard library's modules,
-  classes and functions (12,395 sentences with CPython 3.11.7, none of them also a topic
+  classes and functions (12,377 sentences with CPython 3.11.7, none of them also a topic
   sentence), added to the *training* data only: distillation needs more text than 1,452
   sentences to recover a cut encoder (see BENCHMARKS.md).
 
