@@ -10,11 +10,11 @@ Runs the ``minilm`` example the way the Python API documents it:
     cosine = evaluate(result.model, test, task="embedding", reference=model)
 
 (the validation split decides the epsilon roll-backs; the test split is reported), then
-measures the CPU latency at batch size 1 (median of ``--passes`` forward passes,
-``rmtkd.compress.latency_ms``) of the original and the compressed encoder on a test
-sentence of median length, and checks that ``rmtkd.save`` / ``rmtkd.load`` round-trips the
-compressed encoder. Records parameters (total and encoder = the 6 transformer layers,
-embeddings and pooler excluded), cosine similarity on the test split, latencies, wall time
+measures the CPU latency at batch size 1 (median of ``--passes`` forward passes, two
+rounds in alternating order, ``rmtkd.compress.latency_pair``) of the original and the
+compressed encoder on a test sentence of median length, and checks that ``rmtkd.save`` /
+``rmtkd.load`` round-trips the compressed encoder. Records parameters (total and encoder
+= the 6 transformer layers, embeddings and pooler excluded), cosine similarity on the test split, latencies, wall time
 (the whole job, from loading the model to the end of compression), the per-site d -> k and
 the machine (2 shared cores: other jobs may run, the load average is recorded).
 
@@ -105,19 +105,6 @@ def latency_example(test: list[dict]) -> dict:
     rows.sort(key=lambda r: r[0])
     n, b, i = rows[len(rows) // 2]
     return {k: v[i:i + 1, :n].clone() for k, v in b.items()}
-
-
-def latencies(models: dict, example: dict, passes: int) -> dict:
-    """Median batch-1 latency (ms) of each model, measured in turn, then once more in reverse
-    order (a drift in the machine's load shows as a difference between the two)."""
-    from rmtkd.compress import latency_ms
-
-    out: dict[str, list[float]] = {k: [] for k in models}
-    for names in (list(models), list(models)[::-1]):
-        for k in names:
-            # latency_ms takes a dict batch as keyword arguments
-            out[k].append(latency_ms(models[k], example, passes=passes))
-    return {k: {"median_ms": min(v), "runs_ms": v} for k, v in out.items()}
 
 
 def spectra(model: Any, overrides: dict, seed: int, pool: str, train: Any) -> dict:
@@ -215,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     import rmtkd
-    from rmtkd.compress import format_history
+    from rmtkd.compress import format_history, latency_pair
     from rmtkd.examples import EXAMPLE_COMPRESS, EXAMPLE_DATA, EXAMPLES
     from rmtkd.examples.minilm import encoder_params
 
@@ -253,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         print(result.summary())
 
         example = latency_example(test)
-        lat = latencies({"original": model, "compressed": result.model}, example,
-                        args.passes)
+        orig_ms, comp_ms, rounds = latency_pair(model, result.model, example,
+                                                passes=args.passes)
+        lat = {"original": {"median_ms": orig_ms, "runs_ms": rounds["before"]},
+               "compressed": {"median_ms": comp_ms, "runs_ms": rounds["after"]}}
         lat = {"tokens": int(example["input_ids"].shape[1]), "passes": args.passes, **lat}
         with tempfile.TemporaryDirectory() as tmp:
             path = rmtkd.save(result, Path(tmp) / "minilm")

@@ -757,6 +757,20 @@ def latency_ms(model: nn.Module, example: Any, *, passes: int = 200, warmup: int
     return 1e3 * times[len(times) // 2]
 
 
+def latency_pair(before: nn.Module, after: nn.Module, example: Any, *, passes: int = 200
+                 ) -> tuple[float, float, dict[str, list[float]]]:
+    """Batch-1 latencies (ms) of two models on ``example``: :func:`latency_ms` of each in
+    turn, then once more in reverse order, and the lower median of each model's two rounds
+    (a load drift on a shared machine shows as a difference between the rounds, returned
+    as ``{"before": [ms, ms], "after": [ms, ms]}``)."""
+    rounds: dict[str, list[float]] = {"before": [], "after": []}
+    models = {"before": before, "after": after}
+    for order in (("before", "after"), ("after", "before")):
+        for k in order:
+            rounds[k].append(latency_ms(models[k], example, passes=passes))
+    return min(rounds["before"]), min(rounds["after"]), rounds
+
+
 def saved_size(obj: Any) -> int | None:
     """Bytes on disk of ``rmtkd.save(obj, ...)`` (a model or a CompressionResult), or None
     when that format cannot describe the model."""

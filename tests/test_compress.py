@@ -219,6 +219,8 @@ def test_cli_compress_writes_report(tmp_path: Path, capsys):
     assert 0 < s["bytes_after"] < s["bytes_before"]
     assert s["latency_ms_before"] > 0 and s["latency_ms_after"] > 0
     assert s["latency_input_shape"] == [1, 64]
+    assert s["latency_ms_before"] == min(s["latency_rounds_ms"]["before"])
+    assert s["latency_ms_after"] == min(s["latency_rounds_ms"]["after"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
     with pytest.raises(SystemExit) as e:
