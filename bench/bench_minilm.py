@@ -14,9 +14,10 @@ measures the CPU latency at batch size 1 (median of ``--passes`` forward passes,
 rounds in alternating order, ``rmtkd.compress.latency_pair``) of the original and the
 compressed encoder on a test sentence of median length, and checks that ``rmtkd.save`` /
 ``rmtkd.load`` round-trips the compressed encoder. Records parameters (total and encoder
-= the 6 transformer layers, embeddings and pooler excluded), cosine similarity on the test split, latencies, wall time
-(the whole job, from loading the model to the end of compression), the per-site d -> k and
-the machine (2 shared cores: other jobs may run, the load average is recorded).
+= the 6 transformer layers, embeddings and pooler excluded), cosine similarity on the test
+split, latencies, wall time (the whole job, from loading the model to the end of
+compression), the per-site d -> k and the machine (2 shared cores: other jobs may run,
+the load average is recorded).
 
 With ``--compare`` it then runs the two heuristic rank rules of issue 3 at (about) the MP
 run's final encoder parameter count, each a full compress run with the same config and
