@@ -523,6 +523,7 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
 
     example = first_sample(test)
     lat_before, lat_after, rounds = latency_pair(model, result.model, example)
+    shape = input_shape(example)
     table = {
         "parameters": f"{result.original_params:,} -> {result.final_params:,} "
                       f"({100 * result.reduction:.1f}% fewer)",
@@ -530,7 +531,7 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
             f"{before:.2f} -> {after:.2f} ({after - before:+.2f} points)",
         result.metric_name + " (validation)":
             f"{result.original_metric:.2f} -> {result.final_metric:.2f}",
-        f"CPU latency, batch 1, input {input_shape(example)} (median of 200, best of 2)":
+        f"CPU latency, batch 1, input {shape} (median of 200, best of 2)":
             f"{lat_before:.4f} ms -> {lat_after:.4f} ms ({lat_before / lat_after:.2f}x)",
         "steps": f"{len(result.history)} tried: " + ", ".join(
             f"{r.site} {r.status}" for r in result.history),
@@ -542,7 +543,7 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
             "val_metric_before": result.original_metric,
             "val_metric_after": result.final_metric, "bytes_before": saved_size(model),
             "latency_ms_before": lat_before,
-            "latency_ms_after": lat_after, "latency_input_shape": input_shape(example),
+            "latency_ms_after": lat_after, "latency_input_shape": shape,
             "latency_rounds_ms": rounds,
             "seconds": seconds}
 
