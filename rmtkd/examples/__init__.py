@@ -46,7 +46,6 @@ EXAMPLE_CALIB_POOL: dict[str, Callable[..., Any]] = {
 }
 
 
-
 def example_calibration(name: str, seed: int, config: Any) -> list[Any] | None:
     """``compress``'s ``calib_data`` for example ``name``: ``config.calib_fraction`` of its
     :data:`EXAMPLE_CALIB_POOL` batches (subset seeded by ``config.seed``, pool by

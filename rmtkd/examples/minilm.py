@@ -400,7 +400,7 @@ def minilm_example(seed: int = 0, progress: bool = True
     tok = load_tokenizer()
     train_s, val_s, test_s = sentence_splits(seed)
     extra = load_docstring_sentences()
-    batches = tokenize_batches(tok, train_s)
+    batches = minilm_calibration_pool(seed, tok)
     digest = hashlib.sha256("\n".join(train_s + val_s + test_s + extra).encode()
                             ).hexdigest()[:12]
     meta = {"example": "minilm", "model": "sentence-transformers/all-MiniLM-L6-v2 "
