@@ -9,7 +9,7 @@ corpus uses are renumbered into a compact vocabulary). 90% of the sentences trai
 calibrate the compression, the last 10% are held out. ``--model DIR`` uses a given Hugging
 Face Llama directory instead (with ``--text FILE``, .txt or .pt, for the data).
 
-Then ``rmtkd.blockwise.compress_blockwise`` (``--mode``, default width) and, per model:
+Then ``rmtkd.engine.compress_blockwise`` (``--mode``, default width) and, per model:
 held-out perplexity, greedy generation tokens/s at batch 1 (median of 3, ``--new-tokens``)
 and parameters; optionally ``--global-kl-steps``.
 
@@ -120,7 +120,8 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     import rmtkd
-    from rmtkd.blockwise import BlockwiseConfig, compress_blockwise, format_blocks
+    from rmtkd.engine import BlockwiseSettings, CompressConfig, compress_blockwise, format_blocks
+    from rmtkd.engine.blockwise import load_tokenizer
     from rmtkd.llm import compare_models, read_token_data, split_heldout, token_sequences
 
     payload: dict = {"machine": machine_info(), "settings": {k: str(v) for k, v in
@@ -141,14 +142,13 @@ def main() -> None:
                 ap.error("--model needs --text")
             model_dir = a.model
             calib, held_raw = split_heldout(read_token_data(a.text))
-            from rmtkd.blockwise import load_tokenizer
-
             held = token_sequences(held_raw, a.seq_len, tokenizer=load_tokenizer(model_dir))
             payload["source"] = {"kind": "given directory", "path": str(model_dir)}
         held = held[: math.ceil(a.eval_tokens / a.seq_len)]
-        cfg = BlockwiseConfig(mode=a.mode, calib_tokens=a.calib_tokens, seq_len=a.seq_len,
-                              distill_epochs=a.distill_epochs, lr=a.lr,
-                              global_kl_steps=a.global_kl_steps, seed=a.seed)
+        cfg = CompressConfig(mode=a.mode, distill_epochs=a.distill_epochs, lr=a.lr,
+                             seed=a.seed, blockwise=BlockwiseSettings(
+                                 calib_tokens=a.calib_tokens, seq_len=a.seq_len,
+                                 global_kl_steps=a.global_kl_steps, ppl_ratio=None))
         t0 = time.perf_counter()
         res = compress_blockwise(model_dir, calib, out=tmp / "out", config=cfg)
         seconds = time.perf_counter() - t0

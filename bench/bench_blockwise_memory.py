@@ -3,7 +3,7 @@
 Builds random Llama models with L, 4L and 16L decoder layers (default L = 2, hidden 512,
 intermediate 1376, 8 query / 4 key-value heads, vocab 32000: the 32-layer model is about
 half a GB in fp32), saves each with ``save_pretrained`` to a temporary directory and, in a
-fresh subprocess per model, runs ``rmtkd.blockwise.compress_blockwise`` on it (the
+fresh subprocess per model, runs ``rmtkd.engine.compress_blockwise`` on it (the
 directory path: the model is read one block at a time) and records the child's peak RSS
 and, with ``--device cuda``, its peak CUDA memory. The peak RSS is the child's ``VmHWM``
 (``/proc/self/status``), its own high-water mark; ``ru_maxrss`` is recorded too, but Linux
@@ -41,7 +41,7 @@ torch.set_num_threads(args["threads"])
 import transformers  # noqa: F401
 import transformers.masking_utils  # noqa: F401  (what the job imports lazily, so that
 import transformers.models.llama.modeling_llama  # noqa: F401  the baseline holds it)
-from rmtkd import blockwise
+from rmtkd import engine
 from rmtkd.reduce import llama  # noqa: F401
 from rmtkd.spectral import spikes  # noqa: F401
 
@@ -60,11 +60,12 @@ info = {}
 if mode == "compress":
     ids = torch.randint(0, args["vocab"], (args["calib_tokens"] // args["seq_len"],
                         args["seq_len"]), generator=torch.Generator().manual_seed(0))
-    cfg = blockwise.BlockwiseConfig(mode=args["mode"], calib_tokens=args["calib_tokens"],
+    cfg = engine.CompressConfig(mode=args["mode"], distill_epochs=args["distill_epochs"],
+                                progress=False, blockwise=engine.BlockwiseSettings(
+                                    calib_tokens=args["calib_tokens"],
                                     seq_len=args["seq_len"], batch_size=args["batch_size"],
-                                    distill_epochs=args["distill_epochs"],
-                                    device=args["device"], progress=False)
-    res = blockwise.compress_blockwise(model_dir, ids, out=out, config=cfg)
+                                    device=args["device"], ppl_ratio=None))
+    res = engine.compress_blockwise(model_dir, ids, out=out, config=cfg)
     info = {"params_before": res.params_before, "params_after": res.params_after}
 elif mode == "load":
     m = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -44,7 +44,7 @@ from _common import (cuda_extension_status, gpu_info, machine_info,  # noqa: E40
                      write_json)
 
 from rmtkd.kernels import covariance as kc  # noqa: E402
-from rmtkd.ops.covariance import CovarianceAccumulator, _ieee_fp32_matmul  # noqa: E402
+from rmtkd.ops.covariance import CovarianceAccumulator, ieee_fp32_matmul  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -131,7 +131,7 @@ def bench_one(n: int, d: int, dtype: torch.dtype, timer: Callable, n_inputs: int
         t_f32sub = timer(_rotating(xs, lambda x: kc.shifted_gram(x, shift, rows_used=n,
                                                                  shift_exact=False)))
     t_upd = timer(_rotating(xs, acc.update))
-    with _ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         t_base = timer(_rotating(xs, baseline))
         ref = mm(xs[0]).double()
     out, colsum, _ = kc.shifted_gram(xs[0], shift, shift_exact=True)

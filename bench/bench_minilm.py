@@ -11,7 +11,7 @@ Runs the ``minilm`` example the way the Python API documents it:
 
 (the validation split decides the epsilon roll-backs; the test split is reported), then
 measures the CPU latency at batch size 1 (median of ``--passes`` forward passes, two
-rounds in alternating order, ``rmtkd.compress.latency_pair``) of the original and the
+rounds in alternating order, ``rmtkd.report.latency_pair``) of the original and the
 compressed encoder on a test sentence of median length, and checks that ``rmtkd.save`` /
 ``rmtkd.load`` round-trips the compressed encoder. Records parameters (total and encoder
 = the 6 transformer layers, embeddings and pooler excluded), cosine similarity on the test
@@ -63,7 +63,7 @@ def calibration(cfg: Any, seed: int, pool: str, train: Any) -> list:
     """compress's calibration subset: ``calib_fraction`` of the example's pool (the topic
     training split; ``rmtkd compress --example minilm`` does the same) or, with ``--calib-pool
     train``, of all the training sentences (topic + docstring)."""
-    from rmtkd.compress import calibration_subset
+    from rmtkd.engine import calibration_subset
     from rmtkd.examples import example_calibration
 
     if pool == "train":
@@ -73,7 +73,7 @@ def calibration(cfg: Any, seed: int, pool: str, train: Any) -> list:
 
 def run_compress(model: Any, train: Any, val: Any, test: Any, overrides: dict, rule: str,
                  seed: int, progress: bool, pool: str) -> tuple[Any, dict]:
-    from rmtkd.compress import CompressConfig, compress, evaluate
+    from rmtkd.engine import CompressConfig, compress, evaluate
     from rmtkd.examples.minilm import encoder_params
 
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def spectra(model: Any, overrides: dict, seed: int, pool: str, train: Any) -> di
     """Per-site covariances of the calibration subset on the teacher (as compress's first
     step sees them)."""
     from rmtkd.capture import collect_statistics, find_sites
-    from rmtkd.compress import CompressConfig
+    from rmtkd.engine import CompressConfig
 
     cfg = CompressConfig(**{**overrides, "seed": seed})
     calib = calibration(cfg, seed, pool, train)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     import rmtkd
-    from rmtkd.compress import format_history, latency_pair
+    from rmtkd.report import format_history, latency_pair
     from rmtkd.examples import EXAMPLE_COMPRESS, EXAMPLE_DATA, EXAMPLES
     from rmtkd.examples.minilm import encoder_params
 

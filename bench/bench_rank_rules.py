@@ -39,7 +39,7 @@ GRIDS = {"energy": [0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98,
 def run_once(model: Any, train: Any, val: Any, test: Any, rule: str, seed: int,
              overrides: dict) -> dict:
     from rmtkd import CompressConfig, compress
-    from rmtkd.compress import evaluate
+    from rmtkd.engine import evaluate
 
     t0 = time.perf_counter()
     cfg = CompressConfig(**{**overrides, "rank_rule": rule, "seed": seed, "progress": False})

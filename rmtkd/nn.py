@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .ops._dispatch import _REGISTRY, BACKENDS
+from .ops.dispatch import _REGISTRY, BACKENDS
 from .ops.projected_linear import projected_linear
 
 __all__ = ["ProjectedLinear"]

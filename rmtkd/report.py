@@ -9,13 +9,18 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
-from ._fs import atomic_directory
+from .capture.sites import batch_to, model_device
+from .distill.trainer import model_inputs
+from .files import atomic_directory
 from .spectral import SpectrumFit, mp_pdf
 
 _COLUMNS = ("site", "d", "n", "gamma", "sigma^2", "lambda_+", "k", "k/d", "estimator",
@@ -217,4 +222,149 @@ def write_analysis_report(out_dir: str | os.PathLike, fits: Mapping[str, Spectru
             json.dumps({"meta": meta, "sites": sites, "warnings": list(notes.values())},
                        indent=1, default=_json_default))
         (tmp / "index.md").write_text(_index_md(fits, files, meta))
+    return out
+
+
+# ------------------------------------------------------------ compression reports
+
+def latency_ms(model: nn.Module, example: Any, *, passes: int = 200, warmup: int = 20
+               ) -> float:
+    """Median wall time in ms of one forward pass on ``example`` (a tensor, an (inputs,
+    labels) tuple or a dict of keyword arguments; no gradients, eval mode) over ``passes``
+    passes after ``warmup`` untimed ones."""
+    args, kwargs = batch_to(*model_inputs(example), model_device(model))
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.no_grad():
+            for i in range(warmup + passes):
+                t0 = time.perf_counter()
+                model(*args, **kwargs)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def latency_pair(before: nn.Module, after: nn.Module, example: Any, *, passes: int = 200
+                 ) -> tuple[float, float, dict[str, list[float]]]:
+    """Batch-1 latencies (ms) of two models on ``example``: :func:`latency_ms` of each in
+    turn, then once more in reverse order, and the lower median of each model's two rounds
+    (a load drift on a shared machine shows as a difference between the rounds, returned
+    as ``{"before": [ms, ms], "after": [ms, ms]}``)."""
+    rounds: dict[str, list[float]] = {"before": [], "after": []}
+    models = {"before": before, "after": after}
+    for order in (("before", "after"), ("after", "before")):
+        for k in order:
+            rounds[k].append(latency_ms(models[k], example, passes=passes))
+    return min(rounds["before"]), min(rounds["after"]), rounds
+
+
+def saved_size(obj: Any) -> int | None:
+    """Bytes on disk of ``rmtkd.save(obj, ...)`` (a model or a CompressionResult), or None
+    when that format cannot describe the model."""
+    import tempfile
+    from pathlib import Path
+
+    from .saving import UnsupportedModelError, save
+
+    with tempfile.TemporaryDirectory(prefix="rmtkd-size-") as tmp:
+        try:
+            return _dir_bytes(save(obj, Path(tmp) / "model"))
+        except UnsupportedModelError:
+            return None
+
+
+def _dir_bytes(path: Any) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+_STEP_COLUMNS = ("site", "d -> k", "estimator", "sigma^2", "lambda_+", "params before",
+                 "params after", "metric before", "after surgery", "after KD", "time (s)",
+                 "status")
+
+
+def _fmt(v: float) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def _step_cells(r: Any) -> list[str]:
+    return [r.site, f"{r.d} -> {r.k}", r.estimator, f"{r.sigma2:.4g}", f"{r.lambda_plus:.4g}",
+            f"{r.params_before:,}", f"{r.params_after:,}", _fmt(r.metric_before),
+            _fmt(r.metric_reduced), _fmt(r.metric_after), f"{r.seconds:.2f}", r.status]
+
+
+def format_history(history: list[Any], markdown: bool = False) -> str:
+    """The per-step table (console, or markdown with ``markdown=True``)."""
+    rows = [list(_STEP_COLUMNS)] + [_step_cells(r) for r in history]
+    if markdown:
+        rows.insert(1, ["---"] * len(_STEP_COLUMNS))
+        return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
+                         for r in rows)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_STEP_COLUMNS))]
+    left = (0, 2, 11)
+    fmt = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)]
+                     + [fmt(r) for r in rows[1:]])
+
+
+def write_compress_report(out_dir: Any, result: Any, *, meta: dict,
+                          summary: dict, force: bool = False) -> Any:
+    """Write report.json, index.md, one spectrum PNG per step and the compressed model
+    (``model/``, the :func:`rmtkd.save` format; ``model.pt``, a pickled module, where that
+    format cannot describe it) into ``out_dir``, atomically (a temporary sibling renamed at
+    the end). ``summary["table"]`` (optional) is a dict of printable lines; the size on disk
+    of the saved model is added to ``summary`` (``bytes_after``, and the table line when
+    ``summary["bytes_before"]`` is set). Raises FileExistsError when ``out_dir`` exists and
+    ``force`` is False."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace "
+                              f"it, or choose another output directory")
+    with atomic_directory(out) as tmp:
+        files = _file_names([r.site for r in result.history])
+        from .saving import UnsupportedModelError, save
+
+        try:
+            saved = save(result, tmp / "model")
+            summary["bytes_after"] = _dir_bytes(saved)
+            how = ("`model/` holds the compressed model in the rmtkd.save format (safetensors "
+                   "+ plan.json): `rmtkd.load('model')` rebuilds it without the original "
+                   "code or checkpoint.")
+        except UnsupportedModelError as e:
+            torch.save(result.model, tmp / "model.pt")
+            summary["bytes_after"] = None
+            how = (f"`model.pt` holds the pickled compressed module (torch.load; its classes "
+                   f"must be importable): rmtkd.save cannot describe it ({e}).")
+        if summary.get("bytes_before") is not None and summary["bytes_after"] is not None:
+            summary.setdefault("table", {})["size on disk (rmtkd.save)"] = (
+                f"{summary['bytes_before'] / 2**20:.2f} MiB -> "
+                f"{summary['bytes_after'] / 2**20:.2f} MiB")
+        for r in result.history:
+            if r.site in result.fits:
+                plot_site(tmp / files[r.site], r.site, result.fits[r.site])
+        history = [{**r.to_dict(), "plot": files[r.site]} for r in result.history]
+        report = {"meta": meta, "summary": summary, **result.to_dict(), "history": history,
+                  "fits": {n: f.to_dict() for n, f in result.fits.items()}}
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+        lines = ["# RMT-KD compression", ""]
+        lines += [f"- **{k}**: {v}" for k, v in meta.items()]
+        lines += ["", "## Summary", ""]
+        lines += [f"- **{k}**: {v}" for k, v in summary.get("table", {}).items()]
+        lines += ["", "## Steps (shallow to deep)", "",
+                  "metric before = at the start of the step; after surgery = reduced, before "
+                  "distillation; after KD = after self-distillation.", "",
+                  format_history(result.history, markdown=True), ""]
+        lines += [f"- `{r.site}`: {r.reason}" for r in result.history]
+        lines += ["", how, ""]
+        for r in result.history:
+            lines += [f"## {r.site}", "", f"![{r.site}]({files[r.site]})", ""]
+        (tmp / "index.md").write_text("\n".join(lines))
     return out

@@ -35,7 +35,8 @@ from rmtkd import distributed as D  # noqa: E402
 from rmtkd.capture import collect_statistics, find_sites  # noqa: E402
 from rmtkd.ops.covariance import CovarianceAccumulator  # noqa: E402
 
-C = sys.modules["rmtkd.compress"]   # the module (rmtkd.compress is also the function)
+import rmtkd.engine.whole as C  # noqa: E402  (the whole-model strategy)
+from rmtkd.engine.data import Batches  # noqa: E402
 
 CALIB_SIZES = (37, 41, 29, 53, 31, 47, 19)   # 7 odd batches: shards of 4 and 3 batches
 
@@ -108,7 +109,7 @@ def check_ddp() -> dict:
             for p in student.parameters():
                 p.add_(1.0)
     xs = spiked_inputs((16, 17, 15, 16, 13, 16, 18), seed=2)
-    train = C._Batches([(x, teacher(x).argmax(-1)) for x in xs], what="train", shuffle=True,
+    train = Batches([(x, teacher(x).argmax(-1)) for x in xs], what="train", shuffle=True,
                        seed=0)
     start = torch.cat([p.detach().flatten() for p in mlp(1).parameters()])
     info = D.distributed_distill(student, teacher, train, epochs=2, warmup_steps=2, lr=1e-2,
@@ -133,7 +134,7 @@ def check_fsdp() -> dict:
             with torch.no_grad():
                 for p in student.parameters():
                     p.add_(1.0)
-        train = C._Batches(data, what="train", shuffle=True, seed=0)
+        train = Batches(data, what="train", shuffle=True, seed=0)
         D.distributed_distill(student, teacher, train, epochs=2, warmup_steps=2, lr=1e-2,
                               progress=False, data_parallel=how)
         flats[how] = torch.cat([p.detach().flatten() for p in student.parameters()])

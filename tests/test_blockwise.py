@@ -1,9 +1,11 @@
-"""Block-wise compression of Llama decoders (rmtkd.blockwise) on tiny random models (hidden
-64, GQA 4 query / 2 key-value heads, vocab 128): calibration statistics against a full-model
-forward with hooks, identity when every direction is kept, load + generate, kill -9 and
---resume giving identical weights, memory-mapped states on disk, the CLI."""
+"""Block-wise compression of Llama decoders (rmtkd.engine.blockwise) on tiny random models
+(hidden 64, GQA 4 query / 2 key-value heads, vocab 128): calibration statistics against a
+full-model forward with hooks, identity when every direction is kept, load + generate, kill -9
+and --resume giving identical weights, damaged checkpoints refused by name, a checkpoint
+without pickles, memory-mapped states on disk, the CLI."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -18,8 +20,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import rmtkd  # noqa: E402
-from rmtkd import blockwise  # noqa: E402
-from rmtkd.blockwise import BlockwiseConfig, compress_blockwise  # noqa: E402
+from rmtkd.checkpoint import LATEST, STATE, TENSORS, load_checkpoint  # noqa: E402
+from rmtkd.engine import BlockwiseSettings, CompressConfig, blockwise  # noqa: E402
+from rmtkd.engine.blockwise import compress_blockwise, work_dir  # noqa: E402
 from rmtkd.ops.covariance import CovarianceAccumulator  # noqa: E402
 
 HID, FF, HEADS, KV, VOCAB, SEQ = 64, 176, 4, 2, 128, 32
@@ -47,10 +50,24 @@ def tokens(n=16, seed=1):
     return torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
+BLOCKWISE = {f.name for f in __import__("dataclasses").fields(BlockwiseSettings)}
+
+
 def cfg(**kw):
-    base = dict(seq_len=SEQ, calib_tokens=16 * SEQ, batch_size=4, distill_epochs=1,
-                progress=False)
-    return BlockwiseConfig(**{**base, **kw})
+    """A CompressConfig for these tiny models: keyword arguments that are BlockwiseSettings
+    fields go there. The budget holds out the last 4 sequences (128 tokens) by default."""
+    base = dict(seq_len=SEQ, calib_tokens=16 * SEQ, batch_size=4, heldout_tokens=4 * SEQ,
+                distill_epochs=1, progress=False)
+    kw = {**base, **kw}
+    b = {k: kw.pop(k) for k in list(kw) if k in BLOCKWISE}
+    return CompressConfig(**kw, blockwise=BlockwiseSettings(**b))
+
+
+def read_state(work):
+    """The block-wise job's checkpoint state (manifest verified; RNG left alone)."""
+    got = load_checkpoint(work / "ckpt", restore_rng=False)
+    assert got is not None
+    return got[0]
 
 
 def test_statistics_match_full_model_hooks(tmp_path):
@@ -108,38 +125,46 @@ def test_compressed_directory_model_loads_and_generates(tmp_path):
                        pad_token_id=0)
     assert gen.shape == (1, 14)
     plan = json.loads((tmp_path / "o" / "plan.json").read_text())
-    assert len(plan["blockwise"]["blocks"]) == 2
+    assert sorted({r["block"] for r in plan["blockwise"]["history"]}) == [0, 1]
+    assert len(res.blocks) == 2 and res.original_ppl is not None   # the default budget
+    assert plan["blockwise"]["calibration"]["heldout_sequences"] == 4
     # the local distillation never ends worse than the plain cut
     assert all(b.error_final <= b.error_cut for b in res.blocks)
 
 
+# The kill / resume job: a budget (so the held-out states and perplexities go through the
+# checkpoint too), seeded.
+JOB = dict(seed=3, distill_epochs=1, progress=False)
+JOB_BLOCKWISE = dict(seq_len=32, calib_tokens=256, batch_size=4, heldout_tokens=128,
+                     ppl_ratio=1.5)
+
 CHILD = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from rmtkd import blockwise
-    from rmtkd.llm import hfdir
+    from rmtkd.engine import BlockwiseSettings, CompressConfig, blockwise
     point = sys.argv[3]
     calls = {"state": 0, "shard": 0, "distill": 0}
 
-    def kill_at(kind, n, fn):
+    def kill_at(kind, fn):
         def wrapped(*a, **k):
             calls[kind] += 1
-            if kind == "distill" and point == f"distill:{calls[kind]}":
-                os.kill(os.getpid(), signal.SIGKILL)   # in the middle of a block
+            if point == f"{kind}-before:{calls[kind]}":
+                os.kill(os.getpid(), signal.SIGKILL)   # e.g. in the middle of a block
             out = fn(*a, **k)
             if point == f"{kind}:{calls[kind]}":
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
         return wrapped
 
-    blockwise._save_state = kill_at("state", 0, blockwise._save_state)
-    blockwise.write_shard = kill_at("shard", 0, blockwise.write_shard)
-    blockwise.distill_block = kill_at("distill", 0, blockwise.distill_block)
-    cfg = blockwise.BlockwiseConfig(seq_len=32, calib_tokens=256, batch_size=4,
-                                    distill_epochs=1, progress=False, seed=3)
-    blockwise.compress_blockwise(sys.argv[1], torch.load(sys.argv[2]), out=sys.argv[4],
-                                 config=cfg, resume=sys.argv[5] == "resume")
-""")
+    # the names the block-wise strategy calls, in its module's namespace
+    blockwise.write_checkpoint = kill_at("state", blockwise.write_checkpoint)
+    blockwise.write_shard = kill_at("shard", blockwise.write_shard)
+    blockwise.distill_layer = kill_at("distill", blockwise.distill_layer)
+    cfg = CompressConfig(**JOB, blockwise=BlockwiseSettings(**JOB_BLOCKWISE))
+    blockwise.compress_blockwise(sys.argv[1], torch.load(sys.argv[2], weights_only=True),
+                                 out=sys.argv[4], config=cfg,
+                                 resume=sys.argv[5] == "resume")
+""").replace("**JOB,", f"**{JOB!r},").replace("**JOB_BLOCKWISE", f"**{JOB_BLOCKWISE!r}")
 
 
 def test_resume_after_kill_gives_identical_weights(tmp_path):
@@ -154,71 +179,134 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
                               capture_output=True, text=True, timeout=120)
 
     # The uninterrupted reference, in this process (one thread, like the children).
-    compress_blockwise(tmp_path / "hf", tokens(), out=tmp_path / "ref", config=BlockwiseConfig(
-        seq_len=32, calib_tokens=256, batch_size=4, distill_epochs=1, progress=False, seed=3))
-    # Killed in block 1's distillation (block 0 checkpointed), then, resumed, after block
-    # 2's shard was written but before its checkpoint; then resumed to the end.
+    ref = compress_blockwise(tmp_path / "hf", tokens(), out=tmp_path / "ref",
+                             config=CompressConfig(**JOB, blockwise=BlockwiseSettings(
+                                 **JOB_BLOCKWISE)))
+    # every block kept its first cut: one distillation per block (the kill points count them)
+    assert all(r.status == "applied" and r.attempt == 0 for r in ref.history)
+    assert ref.final_ppl <= 1.5 * ref.original_ppl
+    # Killed with block 1 done (its shard written, the states rewritten in place) just before
+    # its checkpoint (block 0's is the last); resumed, killed in block 2's distillation
+    # (block 1 checkpointed); then resumed to the end.
     work = tmp_path / ".o.work"
-    for point, resume, done in (("distill:2", "fresh", 1), ("shard:2", "resume", 2)):
+    shard = lambda j: work / "model" / f"model-{j:05d}-of-00005.safetensors"  # noqa: E731
+    # write_checkpoint calls of the fresh run: 1 at the start, 2 after block 0, 3 after 1
+    for point, resume, done, shard_left in (("state-before:3", "fresh", 1, True),
+                                            ("distill-before:2", "resume", 2, False)):
         r = run(point, tmp_path / "o", resume)
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-2000:])
         assert not (tmp_path / "o").exists()
-        state = blockwise._load_state(work)   # checksums verified
-        assert state["next_block"] == done   # resume continues from here
-    assert (work / "model" / "model-00004-of-00005.safetensors").is_file()  # block 2, unsaved
+        assert read_state(work)["next_block"] == done   # checksums verified; resumes here
+        # the unfinished block's shard: written (not checkpointed) or not yet
+        assert shard(done + 2).is_file() == shard_left, point
     r = run("none", tmp_path / "o", "resume")
     assert r.returncode == 0, r.stderr
-    ref = (tmp_path / "ref" / "model.safetensors").read_bytes()
-    assert (tmp_path / "o" / "model.safetensors").read_bytes() == ref
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "o" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    plan, ref_plan = (json.loads((tmp_path / d / "plan.json").read_text())["blockwise"]
+                      for d in ("o", "ref"))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(plan["history"]) == strip(ref_plan["history"])
+    assert plan["final_ppl"] == ref_plan["final_ppl"]
 
 
-@pytest.mark.parametrize("damage", ["states", "shard", "state-truncated", "state-flipped"])
-def test_damaged_checkpoint_is_refused(tmp_path, monkeypatch, damage):
-    """A job stopped after block 0; a damaged file of its checkpoint is reported by name
-    on --resume, never loaded."""
-    model, ids = llama(layers=3), tokens(8)
-    real = blockwise.load_layer
+def stop_at_block(monkeypatch, index):
+    """Make the job stop (KeyboardInterrupt) as block ``index`` starts; returns the undo."""
+    real = blockwise.Blockwise.prepare
 
-    def stop_at_block_1(src, i, dev):
-        if i == 1:
+    def prepare(self, unit):
+        if unit.index == index:
             raise KeyboardInterrupt("stopped")
-        return real(src, i, dev)
+        return real(self, unit)
 
-    monkeypatch.setattr(blockwise, "load_layer", stop_at_block_1)
+    monkeypatch.setattr(blockwise.Blockwise, "prepare", prepare)
+    return lambda: monkeypatch.setattr(blockwise.Blockwise, "prepare", real)
+
+
+def never_unpickle(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a checkpoint was unpickled")
+
+    for owner, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(owner, name, boom)
+
+
+@pytest.mark.parametrize("damage", ["states", "shard", "state-truncated", "state-flipped",
+                                    "tensors-flipped"])
+def test_damaged_checkpoint_is_refused(tmp_path, monkeypatch, damage):
+    """A job stopped after block 0; a damaged file of its checkpoint (its own files, or the
+    shards and states it lists) is reported by name on resume, never loaded."""
+    model, ids = llama(layers=3), tokens(8)
+    undo = stop_at_block(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         compress_blockwise(model, ids, out=tmp_path / "o", config=cfg(mode="project"))
-    monkeypatch.setattr(blockwise, "load_layer", real)
+    undo()
     work = tmp_path / ".o.work"
-    assert blockwise._load_state(work)["next_block"] == 1
+    assert work == work_dir(tmp_path / "o")
+    assert read_state(work)["next_block"] == 1
+    step = work / "ckpt" / (work / "ckpt" / LATEST).read_text().strip()
+    assert step.name == "step-0001"
     target = {"states": work / "states-b.f32",
               "shard": work / "model" / "model-00002-of-00005.safetensors",
-              "state-truncated": work / "state.pt", "state-flipped": work / "state.pt"}[damage]
+              "state-truncated": step / STATE, "state-flipped": step / STATE,
+              "tensors-flipped": step / TENSORS}[damage]
     data = bytearray(target.read_bytes())
     if damage == "state-truncated":
         data = data[: len(data) - 100]
     else:
         data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(rmtkd.CorruptCheckpointError, match=target.name):
+    never_unpickle(monkeypatch)
+    with pytest.raises(rmtkd.CorruptCheckpointError, match=target.name) as e:
         compress_blockwise(model, ids, out=tmp_path / "o", config=cfg(mode="project"),
                            resume=True)
+    assert e.value.path.name == target.name and e.value.checkpoint_dir == work / "ckpt"
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_holds_no_pickle_and_resume_never_unpickles(tmp_path, monkeypatch):
+    """The work dir's checkpoint is JSON + safetensors (no file starts with the pickle
+    protocol byte 0x80 or is a torch.save zip); resuming from it never calls torch.load or
+    pickle, and ends with the uninterrupted run's weights."""
+    model, ids = llama(layers=3), tokens(12)
+    config = cfg(mode="width")
+    compress_blockwise(model, ids, out=tmp_path / "ref", config=config)
+    undo = stop_at_block(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        compress_blockwise(model, ids, out=tmp_path / "o", config=config)
+    undo()
+    ckpt = work_dir(tmp_path / "o") / "ckpt"
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(ckpt).as_posix() for p in files) == [
+        LATEST, "step-0002/MANIFEST.json", f"step-0002/{STATE}", f"step-0002/{TENSORS}"]
+    for p in files:
+        head = p.read_bytes()[:4]
+        assert head[:1] != b"\x80" and head != b"PK\x03\x04", p
+    manifest = json.loads((ckpt / "step-0002" / "MANIFEST.json").read_text())
+    assert sorted(manifest["external"]) == [
+        "../model/model-00001-of-00005.safetensors", "../model/model-00002-of-00005.safetensors",
+        "../model/model-00003-of-00005.safetensors", "../states-a.f32"]
+    never_unpickle(monkeypatch)
+    compress_blockwise(model, ids, out=tmp_path / "o", config=config, resume=True)
+    assert (tmp_path / "o" / "model.safetensors").read_bytes() == \
+        (tmp_path / "ref" / "model.safetensors").read_bytes()
 
 
 def test_states_are_memory_mapped_on_disk(tmp_path, monkeypatch):
-    model, ids = llama(layers=4), tokens(8)
+    model, ids = llama(layers=4), tokens(12)
     seen = []
     orig = blockwise.teacher_pass
 
-    def spy(layer, states, targets, *a, **k):
+    def spy(layer, run, states, targets, *a, **k):
         work = tmp_path / ".o.work"
         files = sorted(p.name for p in work.glob("*.f32"))
         seen.append((isinstance(states, np.memmap), Path(states.filename).parent == work,
                      files, [os.path.getsize(work / f) for f in files]))
-        return orig(layer, states, targets, *a, **k)
+        return orig(layer, run, states, targets, *a, **k)
 
     monkeypatch.setattr(blockwise, "teacher_pass", spy)
     compress_blockwise(model, ids, out=tmp_path / "o", config=cfg(mode="project"))
-    size = ids.numel() * HID * 4
+    size = (ids.shape[0] - 4) * SEQ * HID * 4   # the last 4 sequences are held out
     assert len(seen) == 4
     for is_mm, in_work, files, sizes in seen:   # three files whatever the depth
         assert is_mm and in_work
@@ -233,10 +321,11 @@ def test_cli_compress_llm(tmp_path, capsys):
     torch.save(tokens(12), tmp_path / "ids.pt")
     args = ["compress-llm", "--model", str(tmp_path / "hf"), "--text", str(tmp_path / "ids.pt"),
             "--out", str(tmp_path / "o"), "--seq-len", str(SEQ), "--calib-tokens", "256",
-            "--mode", "project", "--new-tokens", "4", "--quiet"]
+            "--heldout-tokens", "64", "--mode", "project", "--new-tokens", "4", "--quiet"]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "perplexity" in text and "tokens/s" in text and "parameters" in text
+    assert "budget: held-out perplexity" in text
     assert isinstance(rmtkd.load(tmp_path / "o"), LlamaForCausalLM)
     with pytest.raises(SystemExit):   # exists, no --force
         main(args)

@@ -166,7 +166,7 @@ def test_distil_from_picks_the_teacher(digits, monkeypatch, source):
     """Each step's distillation teacher: the model before the step, or the original."""
     import sys
 
-    C = sys.modules["rmtkd.compress"]   # the module (rmtkd.compress is the function)
+    C = sys.modules["rmtkd.engine.whole"]   # the whole-model strategy
     model, train, test = digits
     teachers = []
 
@@ -231,7 +231,7 @@ def test_cli_compress_writes_report(tmp_path: Path, capsys):
 
 
 def test_first_sample_is_one_unpadded_sample_and_input_shape_names_it():
-    from rmtkd.compress import first_sample, input_shape
+    from rmtkd.engine import first_sample, input_shape
 
     x, y = torch.randn(4, 7), torch.arange(4)
     assert torch.equal(first_sample([(x, y)]), x[:1]) and input_shape(x[:1]) == [1, 7]

@@ -247,7 +247,7 @@ def test_matmul_precision_is_restored() -> None:
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        with cov_mod._ieee_fp32_matmul():
+        with cov_mod.ieee_fp32_matmul():
             assert torch.get_float32_matmul_precision() == "highest"
         assert torch.get_float32_matmul_precision() == "high"
     finally:

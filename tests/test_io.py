@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import rmtkd
-from rmtkd.io import CorruptModelError, UnsupportedModelError, read_plan
+from rmtkd.saving import CorruptModelError, UnsupportedModelError, read_plan
 from rmtkd.nn import ProjectedLinear
 
 

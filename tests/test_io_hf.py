@@ -12,7 +12,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertForMultipleChoice,  #
                           BertForSequenceClassification, BertForTokenClassification, BertModel)
 
 import rmtkd  # noqa: E402
-from rmtkd.io import (HF_ARCHITECTURES, CorruptModelError, UnsupportedModelError,  # noqa: E402
+from rmtkd.saving import (HF_ARCHITECTURES, CorruptModelError, UnsupportedModelError,  # noqa: E402
                       read_plan)
 from rmtkd.nn import ProjectedLinear  # noqa: E402
 from rmtkd.reduce import (HeadPaddedLinear, HeadSelectLinear, Reduction,  # noqa: E402
@@ -97,9 +97,9 @@ def test_reduced_sequence_classifier_round_trip(tmp_path):
     assert plan["format"] == "rmtkd-hf" and plan["hf_class"] == "BertForSequenceClassification"
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["architectures"] == ["BertForSequenceClassification"]
-    assert cfg["rmtkd_intermediate_sizes"] == [16, FF, FF]
-    assert cfg["rmtkd_value_head_dims"] == [None, [2, 3, 0, 5], None]
-    assert cfg["rmtkd_projected_ranks"] == [{}, {}, {"output.dense": 9,
+    assert [b["mlp"] for b in cfg["rmtkd_blocks"]] == [16, FF, FF]
+    assert [b["value_heads"] for b in cfg["rmtkd_blocks"]] == [None, [2, 3, 0, 5], None]
+    assert [b["ranks"] for b in cfg["rmtkd_blocks"]] == [{}, {}, {"output.dense": 9,
                                                      "attention.output.dense": 10}]
 
     loaded = rmtkd.load(tmp_path / "m")

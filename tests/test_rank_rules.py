@@ -141,7 +141,7 @@ def test_compress_energy_rule_matches_covariance(small_mlp, monkeypatch):
     """k at each site is the smallest k holding >= 90% of the site covariance's trace."""
     import importlib
 
-    C = importlib.import_module("rmtkd.compress")
+    C = importlib.import_module("rmtkd.engine.step")
 
     seen = []
     real = C.top_eigenvectors

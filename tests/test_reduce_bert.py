@@ -1,4 +1,4 @@
-"""BERT surgery (rmtkd.reduce.bert) on tiny random Hugging Face models in float64, eval mode:
+"""BERT surgery (rmtkd.reduce.transformer through the BERT adapter) on tiny random Hugging Face models in float64, eval mode:
 feed-forward width and project modes, attention value/output per head, unsupported modules,
 recorded widths and rebuild."""
 import copy
@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel  #
 
 from rmtkd.nn import ProjectedLinear  # noqa: E402
 from rmtkd.reduce import (HeadPaddedLinear, HeadSelectLinear, Reduction,  # noqa: E402
-                          UnsupportedModuleError, apply_bert_widths, head_reduction,
+                          UnsupportedModuleError, apply_widths, head_reduction,
                           reduce_site)
 
 H, HEADS, HD, FF, L = 32, 4, 8, 64, 2
@@ -78,7 +78,7 @@ def test_ffn_width_full_permutation_is_exact():
                       force=True)
     assert res.applied and res.params_before == res.params_after
     torch.testing.assert_close(out(model), ref, rtol=0, atol=1e-10)
-    assert model.config.rmtkd_intermediate_sizes == [FF, FF]
+    assert [b['mlp'] for b in model.config.rmtkd_blocks] == [FF, FF]
 
 
 def test_ffn_width_k_lt_d_shapes_params_and_runs():
@@ -93,7 +93,7 @@ def test_ffn_width_k_lt_d_shapes_params_and_runs():
     saved = (H * FF + FF + FF * H) - (H * k + k + k * H)
     assert count(model) == res.params_after == before - saved
     assert out(model).shape == (3, 2) and torch.isfinite(out(model)).all()
-    assert model.config.rmtkd_intermediate_sizes == [FF, k]
+    assert [b['mlp'] for b in model.config.rmtkd_blocks] == [FF, k]
     model.train()
     model(**inputs()).logits.sum().backward()  # trainable afterwards
     assert model.bert.encoder.layer[1].output.dense.weight.grad is not None
@@ -107,8 +107,8 @@ def test_ffn_project_is_exact_on_subspace():
     reduce_site(model, Reduction("s", name, "project", FF, k, U, mean))
     assert isinstance(model.get_submodule(name), ProjectedLinear)
     torch.testing.assert_close(out(model), out(reference), rtol=0, atol=1e-10)
-    assert model.config.rmtkd_projected_ranks == [{"output.dense": k}, {}]
-    assert model.config.rmtkd_intermediate_sizes == [FF, FF]
+    assert [b['ranks'] for b in model.config.rmtkd_blocks] == [{"output.dense": k}, {}]
+    assert [b['mlp'] for b in model.config.rmtkd_blocks] == [FF, FF]
 
 
 @pytest.mark.parametrize("basis", ["per-head covariance", "general orthogonal"])
@@ -147,7 +147,7 @@ def test_attention_width_k_lt_head_dim_exact_projection(ks):
     assert count(model) == res.params_after == before - saved
     torch.testing.assert_close(out(model), out(reference), rtol=0, atol=1e-10)
     dims = [ks] * HEADS if isinstance(ks, int) else ks
-    assert model.config.rmtkd_value_head_dims == [None, dims]
+    assert [b['value_heads'] for b in model.config.rmtkd_blocks] == [None, dims]
     # reducing the same site again (now a HeadSelectLinear consumer) composes
     red2 = head_reduction("s", name, A @ A.T, HEADS, [min(1, d) for d in dims])
     assert reduce_site(model, red2).applied
@@ -162,7 +162,7 @@ def test_attention_project_is_exact():
     res = reduce_site(model, Reduction("s", name, "project", H, 10, U, mean))
     assert res.applied and isinstance(model.get_submodule(name), ProjectedLinear)
     torch.testing.assert_close(out(model), out(reference), rtol=0, atol=1e-10)
-    assert model.config.rmtkd_projected_ranks == [{}, {"attention.output.dense": 10}]
+    assert [b['ranks'] for b in model.config.rmtkd_blocks] == [{}, {"attention.output.dense": 10}]
 
 
 @pytest.mark.parametrize("name,d", [("encoder.layer.0.attention.self.query", H),
@@ -195,17 +195,17 @@ def test_recorded_widths_rebuild_and_load():
                                       [2, 3, 4, 5], mean=torch.randn(H)))
     reduce_site(model, Reduction("c", f"{p}.1.output.dense", "project", FF, 9, orth(FF, 9)))
     cfg = json.loads(model.config.to_json_string())
-    assert cfg["rmtkd_intermediate_sizes"] == [16, FF]
-    assert cfg["rmtkd_value_head_dims"] == [None, [2, 3, 4, 5]]
-    assert cfg["rmtkd_projected_ranks"] == [{}, {"output.dense": 9}]
+    assert [b["mlp"] for b in cfg["rmtkd_blocks"]] == [16, FF]
+    assert [b["value_heads"] for b in cfg["rmtkd_blocks"]] == [None, [2, 3, 4, 5]]
+    assert [b["ranks"] for b in cfg["rmtkd_blocks"]] == [{}, {"output.dense": 9}]
     fresh = BertForSequenceClassification(BertConfig.from_dict(cfg)).to(torch.float64).eval()
-    apply_bert_widths(fresh)
+    apply_widths(fresh)
     fresh.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(out(fresh), out(model), rtol=0, atol=1e-12)
 
 
 def test_import_rmtkd_does_not_import_transformers():
-    code = ("import sys, rmtkd, rmtkd.reduce, rmtkd.reduce.bert; "
+    code = ("import sys, rmtkd, rmtkd.reduce, rmtkd.adapters, rmtkd.engine; "
             "assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

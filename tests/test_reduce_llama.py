@@ -16,12 +16,14 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa:
 
 import rmtkd  # noqa: E402
 from rmtkd.capture import collect_statistics  # noqa: E402
-from rmtkd.io import UnsupportedModelError  # noqa: E402
+from rmtkd.saving import UnsupportedModelError  # noqa: E402
 from rmtkd.nn import ProjectedLinear  # noqa: E402
+from rmtkd.adapters import block_modules as llama_layers  # noqa: E402
+from rmtkd.engine.step import head_ks  # noqa: E402
 from rmtkd.reduce import (HeadPaddedLinear, HeadSelectLinear,  # noqa: E402
-                          UnsupportedModuleError, apply_llama_widths, llama_head_ks,
-                          llama_layer_sites, llama_layers, project_llama_linear,
-                          record_llama_widths, reduce_llama_attention, reduce_llama_mlp)
+                          UnsupportedModuleError, apply_widths,
+                          block_sites, project_block_linear,
+                          record_widths, cut_values, cut_mlp)
 
 HID, FF, HEADS, KV, HD, L, VOCAB = 64, 172, 4, 2, 16, 2, 128
 
@@ -94,7 +96,7 @@ def test_attention_full_rank_is_exact():
     st = stats(model)
     for i, (_, layer) in enumerate(llama_layers(model)):
         mean, cov = st[("v", i)]
-        rec = reduce_llama_attention(layer, mean, cov, [HD] * KV)
+        rec = cut_values(layer, mean, cov, [HD] * KV)
         assert isinstance(layer.self_attn.v_proj, HeadPaddedLinear)
         assert isinstance(layer.self_attn.o_proj, HeadSelectLinear)
         assert rec["k"] == KV * HD and rec["d"] == KV * HD
@@ -118,15 +120,15 @@ def test_attention_matches_projection_hook(with_mean, family):
         m = mean if with_mean else torch.zeros_like(mean)
         rlayer.self_attn.v_proj.register_forward_hook(
             lambda mod, a, o, P=P, m=m: m + (o - m) @ P)   # P symmetric
-        before = count(layer.self_attn)
-        rec = reduce_llama_attention(layer, mean if with_mean else None, cov, ks)
+        before = count(layer)
+        rec = cut_values(layer, mean if with_mean else None, cov, ks)
         assert rec["head_ks"] == ks and rec["params_before"] == before
         # v: hidden x sum k (+ bias); o: hidden x (rep * sum k) (+ bias)
         bias_v = sum(ks) if family == "qwen2" else 0
         bias_o = HID if with_mean else 0
         expect = before - HID * KV * HD - HID * HEADS * HD - (KV * HD if bias_v else 0) \
             + HID * sum(ks) + bias_v + HID * (HEADS // KV) * sum(ks) + bias_o
-        assert rec["params_after"] == count(layer.self_attn) == expect
+        assert rec["params_after"] == count(layer) == expect
     got, want = hidden(model), hidden(reference)
     assert max_diff(got, want) < 1e-10
     assert max_diff(got, orig) > 1e-4          # the projection did change the model
@@ -137,20 +139,20 @@ def test_attention_re_reduction_and_sites():
     st = stats(model)
     _, layer = llama_layers(model)[0]
     mean, cov = st[("v", 0)]
-    reduce_llama_attention(layer, mean, cov, [8, 8])
-    sites = llama_layer_sites(layer)
-    assert [s.name for s in sites] == ["mlp.down_proj:input", "self_attn.v_proj:output"]
-    assert sites[1].dim == KV * HD and sites[0].dim == FF
+    cut_values(layer, mean, cov, [8, 8])
+    sites = block_sites(layer)
+    assert [s.name for s in sites] == ["self_attn.v_proj:output", "mlp.down_proj:input"]
+    assert sites[0].dim == KV * HD and sites[1].dim == FF
     # reduce again from the padded site's statistics: heads keep at most their 8 dims
     st2 = stats(model)
     with pytest.raises(ValueError, match="dims each kv head keeps"):
-        reduce_llama_attention(layer, st2[("v", 0)][0], st2[("v", 0)][1], [9, 8])
+        cut_values(layer, st2[("v", 0)][0], st2[("v", 0)][1], [9, 8])
     reference = copy.deepcopy(model)
     m2, c2 = st2[("v", 0)]
     P = torch.block_diag(*[b @ b.T for b in head_bases(c2, [4, 2])])
     llama_layers(reference)[0][1].self_attn.v_proj.register_forward_hook(
         lambda mod, a, o: m2 + (o - m2) @ P)
-    reduce_llama_attention(layer, m2, c2, [4, 2])
+    cut_values(layer, m2, c2, [4, 2])
     assert layer.self_attn.v_proj.head_dims == [4, 2]
     assert layer.self_attn.o_proj.head_dims == [4, 4, 2, 2]
     assert max_diff(hidden(model), hidden(reference)) < 1e-10
@@ -161,7 +163,7 @@ def test_sites_work_with_capture():
     st = stats(model)
     sites = []
     for name, layer in llama_layers(model):
-        for s in llama_layer_sites(layer):
+        for s in block_sites(layer):
             sites.append(dataclasses.replace(s, name=f"{name}.{s.name}",
                                              module_name=f"{name}.{s.module_name}"))
     got = collect_statistics(model, [{"input_ids": ids(16, 32, seed=2)}], sites,
@@ -200,11 +202,12 @@ def test_mlp_selection_exact_at_true_rank():
     st = stats(model)
     for i, (_, layer) in enumerate(llama_layers(model)):
         mean, cov = st[("mlp", i)]
-        rec = reduce_llama_mlp(layer, mean, cov, k, ridge=0.0)
+        rec = cut_mlp(layer, mean, cov, k, ridge=0.0)
         assert sorted(u % k for u in rec["units"]) == list(range(k))   # one unit per group
         # gate + up: HID x k each, down: k x HID + an added bias (HID) for the mean term
-        assert rec["params_before"] == 3 * HID * FF
-        assert rec["params_after"] == count(layer.mlp) == 3 * HID * k + HID
+        rest = count(layer) - count(layer.mlp)   # attention and norms: untouched
+        assert rec["params_before"] == 3 * HID * FF + rest
+        assert rec["params_after"] == count(layer) == 3 * HID * k + HID + rest
         assert layer.mlp.down_proj.bias is not None and rec["mean_corrected"]
     assert max_diff(hidden(model), ref) < 1e-9
 
@@ -225,7 +228,7 @@ def mlp_error(model, layer_index, **kw):
     with torch.no_grad():
         y = mlp(x)
     layer = copy.deepcopy(layer)
-    rec = reduce_llama_mlp(layer, mean, cov, **kw)
+    rec = cut_mlp(layer, mean, cov, **kw)
     with torch.no_grad():
         y2 = layer.mlp(x)
         S = torch.tensor(rec["units"])
@@ -251,11 +254,11 @@ def test_mlp_refuses_rotation_and_bad_shapes():
     _, layer = llama_layers(model)[0]
     cov = torch.eye(FF, dtype=torch.float64)
     with pytest.raises(ValueError, match="rotation does not commute"):
-        reduce_llama_mlp(layer, None, cov, 4, surgery="rotate")
+        cut_mlp(layer, None, cov, 4, surgery="rotate")
     with pytest.raises(ValueError, match="cov must be"):
-        reduce_llama_mlp(layer, None, torch.eye(10), 4)
+        cut_mlp(layer, None, torch.eye(10), 4)
     with pytest.raises(ValueError, match="1 <= k"):
-        reduce_llama_mlp(layer, None, cov, 0)
+        cut_mlp(layer, None, cov, 0)
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -264,16 +267,16 @@ def reduce_all(model, mlp_k=40, project=True):
     st = stats(model)
     for i, (_, layer) in enumerate(llama_layers(model)):
         mean, cov = st[("v", i)]
-        ks = llama_head_ks(cov, KV, HD, 16 * 32, min_k=1)
+        ks = [max(1, k) for k in head_ks(cov, KV, 16 * 32, rmtkd.CompressConfig())]
         assert len(ks) == KV and all(1 <= k <= HD for k in ks)
-        reduce_llama_attention(layer, mean, cov, ks)
+        cut_values(layer, mean, cov, ks)
         mean, cov = st[("mlp", i)]
-        reduce_llama_mlp(layer, mean, cov, mlp_k)
+        cut_mlp(layer, mean, cov, mlp_k)
     if project:    # one projected Linear (q_proj of layer 1, with a mean: bias added)
         _, layer = llama_layers(model)[1]
         g = torch.Generator().manual_seed(5)
         U = torch.linalg.qr(torch.randn(HID, 12, generator=g, dtype=torch.float64)).Q
-        rec = project_llama_linear(layer, "self_attn.q_proj", U.to(next(model.parameters())),
+        rec = project_block_linear(layer, "self_attn.q_proj", U.to(next(model.parameters())),
                                    mean=torch.full((HID,), 0.1, dtype=torch.float64))
         assert rec["params_after"] < rec["params_before"]
         assert isinstance(layer.self_attn.q_proj, ProjectedLinear)
@@ -300,14 +303,15 @@ def test_forward_and_generate_after_reduction(dtype):
 
 def test_save_load_round_trip(tmp_path):
     model = reduce_all(llama())
-    widths = record_llama_widths(model)
-    assert widths["rmtkd_llama_intermediate_sizes"] == [40, 40]
-    assert widths["rmtkd_llama_projected_ranks"] == [{}, {"self_attn.q_proj": 12}]
-    assert all(b["mlp.down_proj"] and b["self_attn.o_proj"] and not b["mlp.gate_proj"]
-               for b in widths["rmtkd_llama_biases"])
+    widths = record_widths(model)
+    assert [w["mlp"] for w in widths] == [40, 40]
+    assert [w["ranks"] for w in widths] == [{}, {"self_attn.q_proj": 12}]
+    assert all(w["biases"]["mlp.down_proj"] and w["biases"]["self_attn.o_proj"]
+               and not w["biases"]["mlp.gate_proj"] for w in widths)
     rmtkd.save(model, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert cfg["rmtkd_llama_value_head_dims"] == widths["rmtkd_llama_value_head_dims"]
+    assert [w["value_heads"] for w in cfg["rmtkd_blocks"]] == \
+        [w["value_heads"] for w in widths]
     loaded = rmtkd.load(tmp_path / "m")
     assert type(loaded) is LlamaForCausalLM and not loaded.training
     assert isinstance(loaded.model.layers[0].self_attn.v_proj, HeadPaddedLinear)
@@ -322,8 +326,8 @@ def test_save_load_round_trip(tmp_path):
 
 def test_apply_widths_rebuilds_shapes():
     model = reduce_all(llama(), project=False)
-    widths = record_llama_widths(model)
-    fresh = apply_llama_widths(llama(seed=9), widths)
+    widths = record_widths(model)
+    fresh = apply_widths(llama(seed=9), widths)
     shapes = {n: t.shape for n, t in model.state_dict().items()}
     assert shapes == {n: t.shape for n, t in fresh.state_dict().items()}
     fresh.load_state_dict(model.state_dict(), strict=True)
@@ -379,22 +383,22 @@ def test_unsupported_layouts(tmp_path):
     cov = torch.eye(FF, dtype=torch.float64)
     layer.mlp.act_fn = Cube()
     with pytest.raises(UnsupportedModuleError, match="mlp.act_fn is Cube"):
-        reduce_llama_mlp(layer, None, cov, 4)
+        cut_mlp(layer, None, cov, 4)
     layer.mlp.act_fn = nn.SiLU()
     layer.self_attn.v_norm = ValueNorm()
     with pytest.raises(UnsupportedModuleError, match="v_norm"):
-        reduce_llama_attention(layer, None, torch.eye(KV * HD), [2, 2])
+        cut_values(layer, None, torch.eye(KV * HD), [2, 2])
     del layer.self_attn.v_norm
-    with pytest.raises(UnsupportedModuleError, match="not a Llama-family decoder layer"):
-        reduce_llama_attention(layer.mlp, None, torch.eye(KV * HD), [2, 2])
+    with pytest.raises(UnsupportedModuleError, match="not a transformer block of a known family"):
+        cut_values(layer.mlp, None, torch.eye(KV * HD), [2, 2])
     with pytest.raises(UnsupportedModuleError, match="not one of"):
-        project_llama_linear(layer, "input_layernorm", torch.eye(HID)[:, :2])
-    project_llama_linear(layer, "mlp.down_proj", torch.eye(FF, dtype=torch.float64)[:, :8])
+        project_block_linear(layer, "input_layernorm", torch.eye(HID)[:, :2])
+    project_block_linear(layer, "mlp.down_proj", torch.eye(FF, dtype=torch.float64)[:, :8])
     with pytest.raises(UnsupportedModuleError, match="mlp.down_proj is a ProjectedLinear"):
-        reduce_llama_mlp(layer, None, cov, 4)
-    reduce_llama_attention(layer, None, torch.eye(KV * HD, dtype=torch.float64), [2, 2])
+        cut_mlp(layer, None, cov, 4)
+    cut_values(layer, None, torch.eye(KV * HD, dtype=torch.float64), [2, 2])
     with pytest.raises(UnsupportedModuleError, match="HeadPaddedLinear, not an nn.Linear"):
-        project_llama_linear(layer, "self_attn.v_proj", torch.eye(HID)[:, :2])
+        project_block_linear(layer, "self_attn.v_proj", torch.eye(HID)[:, :2])
     # a change that the config cannot describe fails at save time
     llama_layers(model)[1][1].mlp.up_proj = nn.Sequential(nn.Linear(HID, FF, bias=False))
     with pytest.raises(UnsupportedModelError, match="could not rebuild"):

@@ -1,4 +1,4 @@
-"""Width mode through a nonlinearity by unit selection (rmtkd.reduce.plan.select_units /
+"""Width mode through a nonlinearity by unit selection (rmtkd.reduce.maths.select_units /
 width_maps), and the conv sample count of the spectral fit."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from rmtkd.capture.sites import fit_samples, make_site
 from rmtkd.distill.trainer import lr_schedule
 from rmtkd.reduce import Reduction, reduce_site
-from rmtkd.reduce.plan import select_units, width_maps
+from rmtkd.reduce.maths import select_units, width_maps
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

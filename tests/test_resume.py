@@ -27,24 +27,24 @@ DRIVER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    import rmtkd, rmtkd.io as io
-    C = sys.modules["rmtkd.compress"]   # rmtkd.compress is also the function's name
+    import rmtkd, rmtkd.checkpoint as CK
+    C = sys.modules["rmtkd.engine.whole"]   # the whole-model strategy
     from rmtkd.examples import digits_mlp_data
     teacher, ckpt, out, kill, resume = sys.argv[1:6]
     how, _, n = kill.partition(":")
     count = [0]
-    write_checkpoint, write_model_dir = C.write_checkpoint, io.write_model_dir
+    write_checkpoint, write_manifest = C.write_checkpoint, CK.write_manifest
     def wc(*a, **k):
         count[0] += 1
         if how == "before" and count[0] == int(n):
             os.kill(os.getpid(), signal.SIGKILL)
         return write_checkpoint(*a, **k)
-    def wm(*a, **k):
-        r = write_model_dir(*a, **k)
+    def wm(*a, **k):   # the step directory is complete but not yet renamed into place
+        r = write_manifest(*a, **k)
         if how == "mid" and count[0] == int(n):
             os.kill(os.getpid(), signal.SIGKILL)
         return r
-    C.write_checkpoint, io.write_model_dir = wc, wm
+    C.write_checkpoint, CK.write_manifest = wc, wm
     train, _, evals = digits_mlp_data(seed=0)
     cfg = rmtkd.CompressConfig(seed=3, progress=False, distill_epochs=1, warmup_steps=5,
                                epsilon=100.0)
@@ -102,9 +102,9 @@ def test_killed_and_resumed_matches_uninterrupted(teacher, reference, tmp_path, 
     r = _drive(tmp_path, teacher, ckpt, out, "none", True)
     assert r.returncode == 0, r.stderr
     _assert_same(out, reference)
-    plan = rmtkd.io.read_plan(out)
+    plan = rmtkd.saving.read_plan(out)
     assert [h["site"] for h in plan["history"]] == [
-        h["site"] for h in rmtkd.io.read_plan(reference)["history"]]
+        h["site"] for h in rmtkd.saving.read_plan(reference)["history"]]
 
 
 def test_resume_with_other_config_is_refused(teacher, tmp_path):

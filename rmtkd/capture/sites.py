@@ -130,7 +130,7 @@ def batch_to(args: tuple, kwargs: dict[str, Any], device: torch.device) -> tuple
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
-def _describe(args: tuple, kwargs: dict[str, Any]) -> str:
+def describe_batch(args: tuple, kwargs: dict[str, Any]) -> str:
     items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     return ", ".join(f"{k}: {str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
                      for k, v in items if isinstance(v, torch.Tensor))
@@ -149,7 +149,7 @@ def forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], index: int) -
         hint = ("; the data is integer: if the model expects real-valued features, convert "
                 "it to float") if ints else ""
         raise CalibrationError(f"forward pass failed on calibration batch {index} "
-                               f"({_describe(args, kwargs)}): {e}{hint}") from e
+                               f"({describe_batch(args, kwargs)}): {e}{hint}") from e
 
 
 def _storage_ptr(t: torch.Tensor) -> int:

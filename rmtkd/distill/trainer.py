@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..capture.sites import batch_to, model_device, split_batch
-from ..distributed import all_true
+from ..collectives import all_true
 from .losses import embedding_loss, feature_loss, kd_loss
 
 TASKS = ("classification", "embedding")

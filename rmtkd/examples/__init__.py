@@ -53,7 +53,7 @@ def example_calibration(name: str, seed: int, config: Any) -> list[Any] | None:
     the training data)."""
     if name not in EXAMPLE_CALIB_POOL:
         return None
-    from ..compress import calibration_subset
+    from ..engine import calibration_subset
 
     return calibration_subset(EXAMPLE_CALIB_POOL[name](seed=seed), config.calib_fraction,
                               config.seed)

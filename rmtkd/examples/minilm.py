@@ -82,8 +82,8 @@ MINILM_COMPRESS: dict[str, Any] = {
 class SentenceEncoder(nn.Module):
     """A BERT encoder (``.bert``, a transformers ``BertModel``) with mean pooling over the
     tokens (weighted by the attention mask) and L2 normalisation: the sentence-transformers
-    pipeline of all-MiniLM-L6-v2. A known wrapper of :mod:`rmtkd.io`
-    (``"rmtkd.examples.SentenceEncoder"`` in ``rmtkd.io.WRAPPERS``), so ``rmtkd.save`` /
+    pipeline of all-MiniLM-L6-v2. A known wrapper of :mod:`rmtkd.saving`
+    (``"rmtkd.examples.SentenceEncoder"`` in ``rmtkd.saving.WRAPPERS``), so ``rmtkd.save`` /
     ``rmtkd.load`` round-trip it, also after BERT surgery (``.bert`` comes back as a
     transformers ``BertModel`` with the reduced widths). ``forward`` uses only ``.bert``."""
 

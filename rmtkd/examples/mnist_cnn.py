@@ -204,7 +204,7 @@ __all__ = ["MnistResNet", "BasicBlock", "Bottleneck", "load_mnist_data", "train_
 def _register_with_io() -> None:
     """Let :func:`rmtkd.save` / :func:`rmtkd.load` describe and rebuild the (possibly
     compressed) model: every forward here uses only registered child modules."""
-    from ..io import register_wrapper
+    from ..saving import register_wrapper
 
     for cls in (MnistResNet, BasicBlock, Bottleneck):
         register_wrapper(f"rmtkd.examples.mnist_cnn.{cls.__name__}", cls)

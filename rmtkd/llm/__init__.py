@@ -5,7 +5,7 @@
 - :mod:`rmtkd.llm.evaluate`: tokenization into fixed-length sequences, perplexity,
   generation tokens/s, parameter counts.
 
-The driver is :func:`rmtkd.blockwise.compress_blockwise`.
+The driver is :func:`rmtkd.engine.compress_blockwise`.
 """
 from .evaluate import (compare_models, count_params, generation_tokens_per_s, perplexity,
                        read_token_data, split_heldout, token_sequences)

@@ -1,15 +1,16 @@
-"""Hugging Face Llama directories, tensor by tensor.
+"""Hugging Face decoder directories (the Llama family of :mod:`rmtkd.adapters.llama`),
+tensor by tensor.
 
 :class:`WeightSource` reads one tensor at a time from ``config.json`` + ``*.safetensors``
 (single file or sharded with ``model.safetensors.index.json``, as ``save_pretrained``
 writes them) through ``safetensors.safe_open``, so the full model is never in memory; it
-also wraps an in-memory ``LlamaForCausalLM`` (tests).
+also wraps an in-memory causal LM of the family (tests).
 
 While a job runs, the output is kept as per-block shards ``model-XXXXX-of-YYYYY.safetensors``
 (shard 1: the embedding, shards 2..L+1: one decoder layer each, the last: final norm +
 lm_head). :func:`write_model` then streams them into the :func:`rmtkd.load` format
 ("rmtkd-hf": ``model.safetensors`` + ``config.json`` with the per-layer widths of
-:func:`rmtkd.reduce.llama.record_llama_widths` + ``plan.json``), one tensor at a time.
+:func:`rmtkd.reduce.record_widths` + ``plan.json``), one tensor at a time.
 """
 from __future__ import annotations
 
@@ -23,45 +24,35 @@ from torch import nn
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 
 
 class UnsupportedLLMError(ValueError):
-    """The model is not a Llama-layout decoder (or its directory is incomplete)."""
+    """The model is not a decoder of a supported family (or its directory is incomplete)."""
 
 
-def llama_config(cfg: Any) -> Any:
-    """A ``transformers.LlamaConfig`` from a config object or dict; raises
-    UnsupportedLLMError for other model types. The attention implementation is set to
-    ``sdpa`` (what ``LlamaForCausalLM`` picks on CPU) when unset."""
-    from transformers import LlamaConfig
+def decoder_config(cfg: Any) -> Any:
+    """The family's config object (see :func:`rmtkd.adapters.llama.decoder_config`);
+    another model type raises UnsupportedLLMError naming the supported families."""
+    from ..adapters import UnsupportedArchitectureError
+    from ..adapters.llama import decoder_config as make
 
-    d = cfg if isinstance(cfg, dict) else cfg.to_dict()
-    if d.get("model_type") != "llama":
-        raise UnsupportedLLMError(
-            f"block-wise compression supports Llama-layout decoders (model_type 'llama', "
-            f"LlamaForCausalLM); got model_type {d.get('model_type')!r}")
-    config = cfg if isinstance(cfg, LlamaConfig) else LlamaConfig.from_dict(dict(d))
-    if getattr(config, "_attn_implementation", None) is None:
-        config._attn_implementation = "sdpa"
-    return config
-
-
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}."
+    try:
+        return make(cfg)
+    except UnsupportedArchitectureError as e:
+        raise UnsupportedLLMError(str(e)) from e
 
 
 class WeightSource:
-    """Tensors of a Llama model by state-dict name, read lazily.
+    """Tensors of a decoder model by state-dict name, read lazily.
 
     Use :meth:`from_dir` (a ``save_pretrained`` directory) or :meth:`from_model`.
-    ``config`` is a LlamaConfig; ``path`` the directory (None for a model).
+    ``config`` is the family's config object; ``path`` the directory (None for a model).
     """
 
     def __init__(self, config: Any, files: dict[str, Any] | None = None,
                  state: dict[str, torch.Tensor] | None = None, path: Path | None = None,
                  model: nn.Module | None = None) -> None:
-        self.config = llama_config(config)
+        self.config = decoder_config(config)
         self._files = files or {}          # tensor name -> safetensors file name
         self._state = state                # in-memory state dict (from_model)
         self.path = path
@@ -109,10 +100,18 @@ class WeightSource:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "WeightSource":
-        if type(model).__name__ not in LLAMA_ARCHITECTURES:
-            raise UnsupportedLLMError(f"expected a LlamaForCausalLM, got "
-                                      f"{type(model).__name__}")
+        from ..adapters.llama import DECODERS
+
+        names = [d.causal_lm for d in DECODERS.values()]
+        if type(model).__name__ not in names:
+            raise UnsupportedLLMError(f"expected one of {names}, got {type(model).__name__}")
         return cls(model.config, state=dict(model.state_dict()), model=model)
+
+    def weight_files(self) -> list[Path]:
+        """The safetensors files of a directory source (empty for an in-memory model)."""
+        if self.path is None:
+            return []
+        return [self.path / f for f in sorted(set(self._files.values()))]
 
     def names(self) -> list[str]:
         return list(self._state) if self._state is not None else list(self._files)
@@ -128,7 +127,8 @@ class WeightSource:
             return self._state[name].detach().to("cpu").clone()
         if name not in self._files:
             raise UnsupportedLLMError(f"{self.path}: no tensor {name!r} in the safetensors "
-                                      f"files; is this a LlamaForCausalLM directory?")
+                                      f"files; is this a causal LM directory of the Llama "
+                                      f"family?")
         return self._read([name])[name]
 
     def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -138,10 +138,21 @@ class WeightSource:
             return {n[len(prefix):]: self.get(n) for n in names}
         return {n[len(prefix):]: t for n, t in self._read(names).items()}
 
+    def numel(self, name: str) -> int:
+        """Elements of tensor ``name``, from its shape (nothing is read)."""
+        if self._state is not None:
+            return int(self._state[name].numel())
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / self._files[name]), framework="pt", device="cpu") as f:
+            return int(torch.Size(f.get_slice(name).get_shape()).numel())
+
     def lm_head(self) -> torch.Tensor:
-        if self.has("lm_head.weight"):
-            return self.get("lm_head.weight")
-        return self.get("model.embed_tokens.weight")   # tied embeddings
+        from ..adapters.llama import EMBED, LM_HEAD
+
+        if self.has(LM_HEAD):
+            return self.get(LM_HEAD)
+        return self.get(EMBED)   # tied embeddings
 
     def n_params(self) -> int:
         """Parameters of the model (a tied lm_head counted once), from the tensor shapes."""
@@ -161,7 +172,9 @@ class WeightSource:
     def dtype(self) -> torch.dtype:
         """The dtype of the decoder weights (that of layer 0's q_proj)."""
         if getattr(self, "_dtype", None) is None:
-            self._dtype = self.get(layer_prefix(0) + "self_attn.q_proj.weight").dtype
+            from ..adapters.llama import LAYOUT, layer_prefix
+
+            self._dtype = self.get(layer_prefix(0) + LAYOUT.q + ".weight").dtype
         return self._dtype
 
 
@@ -175,7 +188,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write a safetensors file atomically (temporary file, fsync, rename)."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import fsync_dir
+    from ..files import fsync_dir
 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
@@ -189,32 +202,34 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------ output model
 
 def layer_widths(layer: nn.Module) -> dict:
-    """One reduced layer's entries of :func:`rmtkd.reduce.llama.record_llama_widths`."""
-    from ..reduce.llama import record_llama_widths
+    """One reduced layer's width record (:func:`rmtkd.reduce.transformer.block_widths`)."""
+    from ..reduce.transformer import block_of, block_widths
 
-    return {k: v[0] for k, v in record_llama_widths(nn.ModuleList([layer])).items()}
+    return block_widths(layer, block_of(layer)[1])
 
 
 def config_dict(src: WeightSource, widths: list[dict], dtype: torch.dtype) -> dict:
     """config.json of the compressed model: the source config with the per-layer widths
-    (``rmtkd_llama_*`` lists), ``architectures`` and ``dtype``."""
+    (``rmtkd_blocks``), ``architectures`` and ``dtype``."""
+    from ..adapters.llama import decoder
+    from ..reduce.transformer import WIDTHS_KEY
+
     cfg = json.loads(src.config.to_json_string(use_diff=False))
     cfg.pop("_attn_implementation_autoset", None)
-    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["architectures"] = [decoder(cfg).causal_lm]
     cfg["dtype"] = str(dtype).removeprefix("torch.")
-    for key in (widths[0] if widths else {}):
-        cfg[key] = [w[key] for w in widths]
+    cfg[WIDTHS_KEY] = list(widths)
     return cfg
 
 
 def build_from_shards(shard_dir: Path, shards: list[str], cfg: dict) -> nn.Module:
     """The whole compressed model from its per-block shards (fp32, train mode off)."""
     from safetensors.torch import load_file
-    from transformers import LlamaForCausalLM
 
-    from ..io import hf_build
+    from ..adapters.llama import causal_lm_class
+    from ..saving import hf_build
 
-    model = hf_build(LlamaForCausalLM, cfg, None)
+    model = hf_build(causal_lm_class(cfg), cfg, None)
     state: dict[str, torch.Tensor] = {}
     for s in shards:
         state.update(load_file(str(shard_dir / s)))
@@ -236,16 +251,15 @@ def write_model(out_dir: Path, shard_dir: Path, shards: list[str], cfg: dict,
     """Write the compressed model in the :func:`rmtkd.load` format ("rmtkd-hf": one
     ``model.safetensors`` + ``config.json`` + ``plan.json``), streaming the shards one
     tensor at a time (the header is computed from their shapes first). Also readable by
-    ``LlamaForCausalLM.from_pretrained`` when no layer changed shape. Returns the number
+    the family's ``from_pretrained`` when no layer changed shape. Returns the number
     of parameters written."""
     import struct
 
     from safetensors import safe_open
 
     from .. import __version__
-    from ..checkpoint import fsync_dir
-    from ..checkpoint import hash_file
-    from ..io import FORMAT_VERSION, HF_FORMAT, PLAN, WEIGHTS
+    from ..files import fsync_dir, hash_file
+    from ..saving import FORMAT_VERSION, HF_FORMAT, PLAN, WEIGHTS
 
     header: dict[str, Any] = {"__metadata__": {"format": HF_FORMAT}}
     order, offset, params = [], 0, 0
@@ -277,7 +291,7 @@ def write_model(out_dir: Path, shard_dir: Path, shards: list[str], cfg: dict,
     aliases = ({"lm_head.weight": "model.embed_tokens.weight"}
                if cfg.get("tie_word_embeddings") else {})
     plan = {"format": HF_FORMAT, "format_version": FORMAT_VERSION, "rmtkd_version": __version__,
-            "hf_class": "LlamaForCausalLM", "dtype": cfg.get("dtype"), "aliases": aliases,
+            "hf_class": cfg["architectures"][0], "dtype": cfg.get("dtype"), "aliases": aliases,
             "frozen": [], "sha256": hash_file(out_dir / WEIGHTS)[1], **extras}
     for name, obj in (("config.json", cfg), (PLAN, plan)):
         with open(out_dir / name, "w") as f:
@@ -290,9 +304,9 @@ def write_model(out_dir: Path, shard_dir: Path, shards: list[str], cfg: dict,
 
 def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> nn.Module:
-    """A model written by :func:`rmtkd.blockwise.compress_blockwise` (= :func:`rmtkd.load`),
+    """A model written by :func:`rmtkd.engine.compress_blockwise` (= :func:`rmtkd.load`),
     optionally cast to ``dtype``; eval mode. Loads the whole model."""
-    from ..io import load
+    from ..saving import load
 
     model = load(path, map_location=device)
     return (model if dtype is None else model.to(dtype)).eval()

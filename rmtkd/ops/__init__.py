@@ -1,4 +1,4 @@
 """Ops with a torch reference and backend dispatch (torch | triton | cuda)."""
-from ._dispatch import BACKENDS, resolve_backend
+from .dispatch import BACKENDS, resolve_backend
 
 __all__ = ["BACKENDS", "resolve_backend"]

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 from scipy.linalg import blas as _blas
 
-from ._dispatch import register_backend, resolve_backend, triton_runnable
+from .dispatch import register_backend, resolve_backend, triton_runnable
 from .cuda_ext import cuda_runnable
 
 __all__ = ["AccumulatorMemoryError", "CovarianceAccumulator", "CovarianceStats",
@@ -234,7 +234,7 @@ def merge_moments(n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor,
 
 
 @contextlib.contextmanager
-def _ieee_fp32_matmul() -> Iterator[None]:
+def ieee_fp32_matmul() -> Iterator[None]:
     """Force full-precision fp32 matmuls (no TF32) for the duration of the block."""
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
@@ -256,7 +256,7 @@ def _shifted_gram_matmul(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Te
         ``shift.dtype``.
     """
     xs = torch.sub(x, shift).to(shift.dtype)
-    with _ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         g = xs.mT @ xs
     return g, xs.sum(0)
 
@@ -349,7 +349,7 @@ def _shifted_gram_cpu(x: torch.Tensor, shift: torch.Tensor, workspace: torch.Ten
             if openblas is not None:
                 openblas.shutdown()  # release the spinning workers now
         else:
-            with _ieee_fp32_matmul():  # oneDNN may also be set to TF32/bf16 for fp32
+            with ieee_fp32_matmul():  # oneDNN may also be set to TF32/bf16 for fp32
                 if method == "gemm":
                     g.addmm_(w.mT, w)
                 else:

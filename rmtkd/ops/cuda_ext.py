@@ -294,7 +294,7 @@ def _as_tensor(a: Any) -> Any:
     return torch.from_dlpack(a)
 
 
-def _like(t: torch.Tensor, caller: Any) -> Any:
+def like_caller(t: torch.Tensor, caller: Any) -> Any:
     """``t`` in the array type of ``caller`` (CuPy in, CuPy out; imported only then)."""
     if isinstance(caller, torch.Tensor):
         return t
@@ -330,7 +330,7 @@ def projected_linear(x: Any, V: Any, W: Any, bias: Any = None) -> Any:
     load_extension(with_cuda=True)
     y = torch.ops.rmtkd.projected_linear(_as_tensor(x), _as_tensor(V), _as_tensor(W),
                                          _as_tensor(bias))
-    return _like(y, x)
+    return like_caller(y, x)
 
 
 def krylov_top(c: Any, *, unit: float, trace: float, d_alive: int, n: int, tau: float = 0.5,
@@ -354,5 +354,5 @@ def krylov_top(c: Any, *, unit: float, trace: float, d_alive: int, n: int, tau: 
         float(tol), -1 if max_basis is None else int(max_basis), int(seed))
     thr, _sigma2, k, converged, m, matvecs = info.tolist()
     return KrylovResult(values=vals.numpy().astype(np.float64, copy=False),
-                        vectors=_like(vecs, c), k=int(k), threshold=float(thr),
+                        vectors=like_caller(vecs, c), k=int(k), threshold=float(thr),
                         basis_size=int(m), matvecs=int(matvecs), converged=bool(converged))

@@ -28,7 +28,7 @@ Backends:
 
 ``auto`` picks ``torch`` (measured faster on the GPU, see the constants below); ``triton``
 and ``cuda`` run when asked for by name or through ``RMTKD_BACKEND`` (see
-``rmtkd.ops._dispatch``).
+``rmtkd.ops.dispatch``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import _always, register_backend, resolve_backend, triton_runnable
+from .dispatch import always_available, register_backend, resolve_backend, triton_runnable
 from .cuda_ext import MAX_RANK as CUDA_MAX_RANK
 from .cuda_ext import cuda_runnable
 
@@ -71,7 +71,7 @@ def _triton_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, s
     return triton_runnable(device)
 
 
-register_backend("projected_linear", "torch", _always)
+register_backend("projected_linear", "torch", always_available)
 register_backend("projected_linear", "triton", _triton_available, auto=False)
 
 
@@ -170,8 +170,8 @@ def projected_linear(x: torch.Tensor, V: torch.Tensor, W: torch.Tensor,
         x, V, W = x.to(dt), V.to(dt), W.to(dt)
         bias = bias.to(dt) if bias is not None else None
         with torch.autocast(dev_type, enabled=False):
-            return _dispatch(x, V, W, bias, backend)
-    return _dispatch(x, V, W, bias, backend)
+            return dispatch(x, V, W, bias, backend)
+    return dispatch(x, V, W, bias, backend)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -181,7 +181,7 @@ def _autocast_on(device_type: str) -> bool:
         return device_type == "cuda" and torch.is_autocast_enabled()
 
 
-def _dispatch(x, V, W, bias, backend):
+def dispatch(x, V, W, bias, backend):
     be = _resolve(backend, x.device, x.dtype)
     if be == "torch":
         return _torch_reference(x, V, W, bias)

@@ -1,50 +1,79 @@
 """Model surgery: apply one site's :class:`Reduction` to a model, in place.
 
-``reduce_site(model, Reduction(...))`` finds the consumer (``model.get_submodule``) and, in
-width mode, its producer; builds the replacement modules; and installs them only when they
-have fewer parameters than the modules they replace (else the result says why it skipped).
-See :mod:`rmtkd.reduce.mlp`, :mod:`rmtkd.reduce.cnn` and :mod:`rmtkd.reduce.bert` (Hugging
-Face BERT layers, recognised by structure) for the maths and exactness.
+``reduce_site(model, Reduction(...))`` asks the model's adapter (:mod:`rmtkd.adapters`) what
+the site is: in a transformer, a coupled dimension of a block (the MLP inner width, the
+value width per key-value head; :mod:`rmtkd.reduce.transformer`); in a plain network, a
+Linear / Conv2d producer -> consumer chain (:mod:`rmtkd.reduce.mlp`, :mod:`rmtkd.reduce.cnn`).
+Project mode replaces the consumer by an exact rank-k projection of its input anywhere.
+The replacements are installed only when they have fewer parameters than the modules they
+replace (else the result says why it skipped). The shared maths is in
+:mod:`rmtkd.reduce.maths`.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
 from torch import nn
 
-from .bert import (BERT_SUPPORTED, HeadPaddedLinear, HeadSelectLinear, apply_bert_widths,
-                   bert_site, head_bases, head_reduction, record_bert_widths,
-                   width_bert_attention, width_bert_ffn)
+from ..adapters import TransformerAdapter, adapter_for
 from .cnn import project_conv, width_conv
-from .llama import (LLAMA_SUPPORTED, apply_llama_widths, is_llama_layer, llama_head_ks,
-                    llama_heads, llama_layer_sites, llama_layers, project_llama_linear,
-                    record_llama_widths, reduce_llama_attention, reduce_llama_mlp)
+from .heads import HeadPaddedLinear, HeadSelectLinear, block_diagonal_basis, head_bases
+from .maths import (SUPPORTED, Reduction, ReductionResult, UnsupportedModuleError,
+                    check_orthonormal, n_params, set_module)
 from .mlp import project_linear, width_linear
-from .plan import (SUPPORTED, Reduction, ReductionResult, UnsupportedModuleError,
-                   check_orthonormal, n_params, set_module)
+from .transformer import (apply_widths, block_sites, cut_mlp, cut_values, dim_replacements,
+                          dim_site, project_block_linear, record_widths)
 
 __all__ = ["Reduction", "ReductionResult", "UnsupportedModuleError", "SUPPORTED",
-           "reduce_site", "plan_replacements", "BERT_SUPPORTED", "HeadPaddedLinear",
-           "HeadSelectLinear", "head_reduction", "head_bases", "record_bert_widths",
-           "apply_bert_widths", "LLAMA_SUPPORTED", "is_llama_layer", "llama_layers",
-           "llama_layer_sites", "llama_heads", "llama_head_ks", "reduce_llama_mlp",
-           "reduce_llama_attention", "project_llama_linear", "record_llama_widths",
-           "apply_llama_widths"]
+           "reduce_site", "plan_replacements", "HeadPaddedLinear", "HeadSelectLinear",
+           "head_reduction", "head_bases", "record_widths", "apply_widths", "cut_mlp",
+           "cut_values", "project_block_linear", "block_sites", "dim_site", "n_params"]
+
+
+def head_reduction(site: str, module_name: str, covariance: torch.Tensor, num_heads: int,
+                   k: int | Sequence[int], *, mean: torch.Tensor | None = None,
+                   mode: str = "width") -> Reduction:
+    """A :class:`Reduction` of a value site whose basis is block-diagonal: per head h the
+    top ``k_h`` eigenvectors of the head's diagonal block of the d x d site ``covariance``.
+    ``k`` is one k for every head or a list of k_h (k_h = 0 drops the head's values)."""
+    d = covariance.shape[0]
+    ks = [int(k)] * num_heads if isinstance(k, int) else [int(x) for x in k]
+    if d % num_heads or len(ks) != num_heads or sum(ks) < 1:
+        raise ValueError(f"k must be in [0, {d // max(num_heads, 1)}] per head (one int or "
+                         f"{num_heads} ints, not all 0); got {k}")
+    basis = block_diagonal_basis(covariance, num_heads, ks)
+    return Reduction(site, module_name, mode, d, basis.shape[1], basis,
+                     None if mean is None else mean.detach().to(torch.float64).cpu())
 
 
 def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Module]:
     """The new modules, by name, that apply ``reduction`` (the model is not changed).
 
     Raises:
-        UnsupportedModuleError: the consumer or its surroundings are not a supported pattern.
-        ValueError: the reduction does not match the consumer (d) or its basis is not
+        UnsupportedModuleError: the site is not a reducible dimension of this model.
+        ValueError: the reduction does not match the site (d) or its basis is not
             orthonormal.
     """
+    ad = adapter_for(model)
     name = reduction.module_name
-    bert = bert_site(model, name)  # raises for unsupported modules inside a BERT model
-    if bert is not None and reduction.mode == "width":
-        check_orthonormal(reduction)
-        kind, layer_name = bert
-        return (width_bert_ffn if kind == "ffn" else width_bert_attention)(
-            model, reduction, layer_name)
+    if isinstance(ad, TransformerAdapter):
+        dim = ad.dim_for(model, reduction.site, name)
+        if reduction.mode == "width":
+            if dim is None:
+                sites = [d.site_name for d in ad.coupled_dims(model)]
+                raise UnsupportedModuleError(
+                    f"cannot cut {reduction.site!r} in width mode: in this {ad.layout.family} "
+                    f"model the reducible dimensions are each block's value width and MLP "
+                    f"inner width (sites {', '.join(sites[:2])}, ...); embeddings, query, "
+                    f"key, pooler and head are left alone")
+            return dim_replacements(model, dim, reduction)
+        if dim is None or dim.where != "input":
+            sites = [d.site_name for d in ad.coupled_dims(model) if d.where == "input"]
+            raise UnsupportedModuleError(
+                f"cannot project {reduction.site!r}: in this {ad.layout.family} model project "
+                f"mode reduces the inputs of the reducible sites ({', '.join(sites[:2])}, "
+                f"...); embeddings, query, key, value, pooler and head are left alone")
     consumer = model.get_submodule(name)
     if not isinstance(consumer, (nn.Linear, nn.Conv2d)):
         raise UnsupportedModuleError(
@@ -69,7 +98,7 @@ def reduce_site(model: nn.Module, reduction: Reduction, *, force: bool = False
     """Apply ``reduction`` to ``model`` in place, unless it would not reduce parameters.
 
     Args:
-        model: the model holding ``reduction.module_name``.
+        model: the model holding the site (a whole model or a bare block).
         reduction: the site's mode, k, basis (d x k) and mean (d,).
         force: apply even when the parameter count does not drop (e.g. k = d, for checks).
 
@@ -88,7 +117,7 @@ def reduce_site(model: nn.Module, reduction: Reduction, *, force: bool = False
         return ReductionResult(reduction, False, reason, before, before)
     for n, m in new.items():
         set_module(model, n, m)
-    record_bert_widths(model)  # per-layer widths on model.config (BERT models only)
+    record_widths(model)  # per-block widths on model.config (transformers only)
     reason = (f"{reduction.mode} d={reduction.d} -> k={reduction.k}: replaced "
               f"{', '.join(new)} ({old_local} -> {new_local} parameters)")
     return ReductionResult(reduction, True, reason, before, n_params(model))

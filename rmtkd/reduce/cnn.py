@@ -8,7 +8,7 @@ weight ``U^T`` (k x d x 1 x 1) and ``conv'`` the conv with k input channels, wei
 consumer conv. The BN is folded into the producer with its running (eval) statistics and
 replaced by ``nn.Identity`` (the block then trains without that BN); the producer's output
 channels are mapped with P and the consumer's input channels contracted with R, bias
-corrected with c (:func:`rmtkd.reduce.plan.width_maps`: rotate onto U, or, through the
+corrected with c (:func:`rmtkd.reduce.maths.width_maps`: rotate onto U, or, through the
 activation, select k channels). A consumer without bias gains one when a mean is given.
 
 Exactness: for site activations in ``mean + span(U)`` both modes are exact in eval mode
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .plan import (ELEMENTWISE, PASSTHROUGH, SUPPORTED, Reduction, UnsupportedModuleError,
+from .maths import (ELEMENTWISE, PASSTHROUGH, SUPPORTED, Reduction, UnsupportedModuleError,
                    modules_before, residual_mean, width_maps)
 
 

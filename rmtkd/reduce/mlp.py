@@ -2,7 +2,7 @@
 
 Width mode, producer ``h = W1 x + b1`` (d outputs) -> elementwise ops -> consumer
 ``y = W2 a + b2`` (site ``a``, d inputs), with the maps P, R, c of
-:func:`rmtkd.reduce.plan.width_maps`: ``W1' = P W1, b1' = P b1`` (k outputs) and
+:func:`rmtkd.reduce.maths.width_maps`: ``W1' = P W1, b1' = P b1`` (k outputs) and
 ``W2' = W2 R, b2' = b2 + W2 c``.
 
 * rotate (P = U^T, R = U, c = (I - U U^T) mean): exact when nothing nonlinear sits between
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..nn import ProjectedLinear
-from .plan import (ELEMENTWISE, FEATURE_NORMS, PASSTHROUGH, SUPPORTED, Reduction,
+from .maths import (ELEMENTWISE, FEATURE_NORMS, PASSTHROUGH, SUPPORTED, Reduction,
                    UnsupportedModuleError, modules_before, residual_mean, width_maps)
 
 

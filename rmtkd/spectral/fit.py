@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..ops._dispatch import _always, register_backend, resolve_backend
+from ..errors import SolverConvergenceError, SolverFallbackWarning
+from ..ops.dispatch import always_available, register_backend, resolve_backend
 from .estimators import (DEFAULT_MARGIN, FULL_SPECTRUM_ESTIMATORS, Spectrum, fit_noise,
                          resolve_estimator)
 from .mp import mp_cdf, mp_edges
@@ -36,7 +38,7 @@ def _cuda_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str
     return cuda_runnable(device)
 
 
-register_backend("spikes", "torch", _always)
+register_backend("spikes", "torch", always_available)
 # backend="cuda" runs the randomized solver's loop in C++ (csrc/eigen.cpp, rmtkd::krylov_top).
 # No GPU has measured it yet (bench/bench_eigen.py has the column), so "auto" never picks it:
 # it runs only when asked for by name.
@@ -218,6 +220,12 @@ def spikes(cov: Any, n: int, *, estimator: str = "auto",
     loop in C++, CUDA tensors; by name it implies the randomized solver, through RMTKD_BACKEND
     it serves the solves that run randomized). Returns a SpectrumFit whose
     eigenvectors (d, k) have the type of ``cov``.
+
+    When the randomized solver does not converge within its basis limit (more spikes than
+    the basis holds): with solver='auto' the fit falls back to a full eigendecomposition and
+    warns (:class:`~rmtkd.errors.SolverFallbackWarning`; the fit's ``solver`` is 'full' and
+    ``info['fallback']`` says why); with solver='randomized' it raises
+    :class:`~rmtkd.errors.SolverConvergenceError`.
     """
     from ..ops.eigen import block_krylov_top
 
@@ -241,6 +249,9 @@ def spikes(cov: Any, n: int, *, estimator: str = "auto",
         raise ValueError("cov contains NaN or Inf")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    # solver="auto" (or backend="cuda" by name) may resolve to "randomized" below; only a
+    # caller who asked for it may get an error instead of the fallback to eigh.
+    explicit_randomized = solver == "randomized"
     estimator = resolve_estimator(estimator)
     be = _spikes_backend(backend, c.device, c.dtype)
     if be == "cuda" and (backend or "auto").strip().lower() == "cuda":
@@ -271,9 +282,9 @@ def spikes(cov: Any, n: int, *, estimator: str = "auto",
             full[idx] = vecs
             vecs = full
         if dlpack:
-            from ..ops.cuda_ext import _like
+            from ..ops.cuda_ext import like_caller
 
-            return _like(vecs, cov)
+            return like_caller(vecs, cov)
         return vecs.cpu().numpy() if is_numpy else vecs
 
     if da < 2:
@@ -289,10 +300,10 @@ def spikes(cov: Any, n: int, *, estimator: str = "auto",
             return thr_of(fit_noise(spec, estimator, thr_of, tau=tau)[0])
 
         if be == "cuda":  # the same loop and threshold in one C++ call
-            from ..ops.covariance import _ieee_fp32_matmul
+            from ..ops.covariance import ieee_fp32_matmul
             from ..ops.cuda_ext import krylov_top
 
-            with _ieee_fp32_matmul():  # no TF32 in the products with C
+            with ieee_fp32_matmul():  # no TF32 in the products with C
                 res = krylov_top(ca, unit=_threshold_unit(margin, da, n), trace=trace,
                                  d_alive=da, n=n, tau=tau, seed=seed)
         else:
@@ -304,6 +315,19 @@ def spikes(cov: Any, n: int, *, estimator: str = "auto",
             fit = _make_fit(spec, d, estimator, margin, tau, "randomized", None, info)
             fit.eigenvectors = embed(res.vectors[:, : fit.k])
             return fit
+        why = (f"the randomized (block Krylov) solver did not converge on the {d} x {d} "
+               f"covariance ({da} features with nonzero variance, n = {n}) within its basis "
+               f"limit: {res.basis_size} vectors, {res.matvecs} products; the spectrum "
+               f"probably has more spikes above the threshold than that basis can resolve")
+        if explicit_randomized:
+            raise SolverConvergenceError(
+                f"{why}. Use solver='full' (an exact eigendecomposition, O(d^3) time and a "
+                f"d x d eigenvector matrix) or solver='auto' (tries the randomized solver "
+                f"and falls back to the full one with a warning)")
+        warnings.warn(
+            f"{why}; fell back to a full eigendecomposition (torch.linalg.eigh: exact, but "
+            f"O(d^3) time and a d x d eigenvector matrix). Pass solver='full' for this site "
+            f"to skip the randomized attempt", SolverFallbackWarning, stacklevel=2)
         info["fallback"] = "randomized solver did not converge within its basis limit"
     vals, vecs = torch.linalg.eigh(ca)
     vals, vecs = vals.flip(0), vecs.flip(1)

@@ -25,33 +25,27 @@ holding its class name, dtype and config dict (with the recorded per-layer width
 the ``"rmtkd-hf"`` format below) and rebuilt as that ``transformers`` class.
 Anything else raises :class:`UnsupportedModelError` listing what is supported.
 
-Hugging Face BERT models (format ``"rmtkd-hf"``, detected by duck typing: ``model.config``
-with ``to_dict`` and ``model.save_pretrained``; the class must be one of
+Hugging Face transformers of the adapters' families (:mod:`rmtkd.adapters`: BERT encoders,
+Llama / Qwen2 / Mistral decoders; format ``"rmtkd-hf"``, detected by duck typing:
+``model.config`` with ``to_dict`` and ``model.save_pretrained``; the class must be one of
 :data:`HF_ARCHITECTURES`, exact type from ``transformers``) are saved as:
 
-- ``config.json``: ``model.config.to_dict()`` after :func:`rmtkd.reduce.bert.record_bert_widths`
-  (so it carries ``rmtkd_intermediate_sizes`` / ``rmtkd_value_head_dims`` /
-  ``rmtkd_projected_ranks``), ``architectures`` = [class name] and ``dtype`` of the weights;
+- ``config.json``: ``model.config.to_dict()`` after :func:`rmtkd.reduce.record_widths` (so it
+  carries ``rmtkd_blocks``: per block the MLP inner width, the kept value dims per key-value
+  head, the ProjectedLinear ranks and which projections have a bias), ``architectures`` =
+  [class name] and ``dtype`` of the weights;
 - ``model.safetensors``: as above (aliases / tied weights stored once);
 - ``plan.json``: ``format`` "rmtkd-hf", ``hf_class``, ``dtype``, ``sha256`` of the weights,
   ``aliases``, ``frozen``, ``reductions`` / ``history`` as above.
 
 :func:`load` rebuilds the config (``config_class.from_dict``), instantiates
-``transformers.<hf_class>(config)``, reshapes it with
-:func:`rmtkd.reduce.bert.apply_bert_widths` (narrow feed-forward layers, HeadPaddedLinear /
-HeadSelectLinear attention values, ProjectedLinear consumers), loads the weights with
-``strict=True`` and returns the ``transformers`` model object in eval mode. :func:`save`
+``transformers.<hf_class>(config)``, reshapes it with :func:`rmtkd.reduce.apply_widths`
+(narrow MLPs, HeadPaddedLinear / HeadSelectLinear values, ProjectedLinear projections, biases
+added by mean corrections; the per-family keys of rmtkd 0.1 are read too), loads the weights
+with ``strict=True`` and returns the ``transformers`` model object in eval mode. :func:`save`
 checks beforehand (on the meta device) that this rebuild reproduces every module type and
 tensor shape, so a model with modules that the config cannot describe fails at save time.
-
-Llama-family decoders (``LlamaModel``, ``LlamaForCausalLM``, ``LlamaForSequenceClassification``,
-``MistralForCausalLM``, ``Qwen2ForCausalLM``) use the same ``"rmtkd-hf"`` format: the config
-carries :func:`rmtkd.reduce.llama.record_llama_widths`' keys (``rmtkd_llama_intermediate_sizes``,
-``rmtkd_llama_value_head_dims``, ``rmtkd_llama_projected_ranks``, ``rmtkd_llama_biases``) and
-:func:`rmtkd.reduce.llama.apply_llama_widths` reshapes the rebuilt model (narrow gated MLPs,
-HeadPaddedLinear / HeadSelectLinear values per key-value head, ProjectedLinear projections,
-biases added by the mean corrections). Value heads are padded back to ``head_dim``, so the KV
-cache and ``generate`` work unchanged.
+Value heads are padded back to ``head_dim``, so a KV cache and ``generate`` work unchanged.
 """
 from __future__ import annotations
 
@@ -64,21 +58,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._fs import atomic_directory
-from .checkpoint import hash_file
+from .adapters import hf_classes
+from .files import atomic_directory, hash_file
 
 FORMAT = "rmtkd-model"
 HF_FORMAT = "rmtkd-hf"
 FORMAT_VERSION = 1
 HF_CONFIG = "config.json"
 
-# transformers classes that save/load handles (BERT encoders and Llama-family decoders,
-# reducible by rmtkd.reduce).
-HF_ARCHITECTURES = ("BertModel", "BertForSequenceClassification", "BertForMaskedLM",
-                    "BertForTokenClassification", "BertForQuestionAnswering",
-                    "BertForMultipleChoice", "BertForPreTraining",
-                    "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification",
-                    "MistralForCausalLM", "Qwen2ForCausalLM")
+# transformers classes that save/load handles: those of the adapters (rmtkd.adapters).
+HF_ARCHITECTURES = hf_classes()
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
 
@@ -187,7 +176,7 @@ def _supported_text() -> str:
     return (f"rmtkd.save supports models built from these modules (exact types): "
             f"{', '.join(SUPPORTED_MODULES)} (nn.* except ProjectedLinear = "
             f"rmtkd.nn.ProjectedLinear), nested in nn.Sequential or in a registered wrapper "
-            f"class ({', '.join(WRAPPERS)}; rmtkd.io.register_wrapper adds one)")
+            f"class ({', '.join(WRAPPERS)}; rmtkd.saving.register_wrapper adds one)")
 
 
 def _leaf_name(module: nn.Module) -> str | None:
@@ -317,15 +306,8 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 
 
 def _plan_extras(obj: Any) -> tuple[nn.Module, dict]:
-    from .compress import CompressionResult
-
-    if isinstance(obj, CompressionResult):
-        return obj.model, {
-            "reductions": [r.to_dict() for r in obj.plan],
-            "history": [r.to_dict() for r in obj.history],
-            "config": obj.config.to_dict(), "metric": obj.metric_name,
-            "original_metric": obj.original_metric, "final_metric": obj.final_metric,
-            "original_params": obj.original_params, "final_params": obj.final_params}
+    if hasattr(obj, "plan_record") and isinstance(getattr(obj, "model", None), nn.Module):
+        return obj.model, obj.plan_record()   # a CompressionResult
     if isinstance(obj, nn.Module):
         return obj, {"reductions": []}
     raise TypeError(f"rmtkd.save expects a CompressionResult or an nn.Module, got "
@@ -501,11 +483,9 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
 
 def _hf_config_dict(model: nn.Module) -> dict:
     """config.json contents: the config with the recorded widths, class and dtype."""
-    from .reduce.bert import record_bert_widths
-    from .reduce.llama import record_llama_widths
+    from .reduce import record_widths
 
-    record_bert_widths(model)
-    record_llama_widths(model)
+    record_widths(model)
     cfg = json.loads(model.config.to_json_string(use_diff=False)) \
         if _has_arg(model.config.to_json_string, "use_diff") else model.config.to_dict()
     cfg["architectures"] = [type(model).__name__]
@@ -517,8 +497,7 @@ def _hf_config_dict(model: nn.Module) -> dict:
 
 def hf_build(cls: type, cfg: dict, dtype: torch.dtype | None, device: Any = None
               ) -> nn.Module:
-    from .reduce.bert import apply_bert_widths
-    from .reduce.llama import apply_llama_widths
+    from .reduce import apply_widths
 
     config = cls.config_class.from_dict(dict(cfg))
     if device is None:
@@ -528,7 +507,7 @@ def hf_build(cls: type, cfg: dict, dtype: torch.dtype | None, device: Any = None
             model = cls(config)
     if dtype is not None:
         model = model.to(dtype)
-    return apply_llama_widths(apply_bert_widths(model))
+    return apply_widths(model)
 
 
 def _hf_check(model: nn.Module) -> dict:
@@ -540,12 +519,11 @@ def _hf_check(model: nn.Module) -> dict:
         raise UnsupportedModelError(
             f"{type(model).__module__}.{type(model).__qualname__} is not transformers."
             f"{name}. {_hf_supported_text()}")
-    from .reduce.bert import bert_layers
-    from .reduce.llama import llama_layers
+    from .adapters import block_modules
 
-    if not bert_layers(model) and not llama_layers(model):
-        raise UnsupportedModelError(f"{name} has no BERT encoder or Llama decoder layer; "
-                                    f"{_hf_supported_text()}")
+    if not block_modules(model):
+        raise UnsupportedModelError(f"{name} has no transformer block an rmtkd adapter "
+                                    f"recognises; {_hf_supported_text()}")
     cfg = _hf_config_dict(model)
     try:
         ref = hf_build(cls, cfg, _float_dtype(model), device="meta")
@@ -569,9 +547,8 @@ def _hf_check(model: nn.Module) -> dict:
         raise UnsupportedModelError(
             f"{name} holds modules or shapes that load could not rebuild from its config "
             f"({len(diff)} differences, e.g. {detail}). Supported changes: "
-            f"rmtkd.reduce's BERT reductions (feed-forward width, per-head attention value "
-            f"width, ProjectedLinear consumers) and Llama reductions (MLP inner width, value "
-            f"dims per key-value head, ProjectedLinear projections, added biases). "
+            f"rmtkd.reduce's transformer cuts (MLP inner width, value dims per key-value "
+            f"head, ProjectedLinear projections, added biases). "
             f"{_hf_supported_text()}")
     return cfg
 

@@ -38,10 +38,10 @@ SUPPORTED = (
     "(nested) nn.Sequential containers or a block holding them as attributes, and "
     "nn.Conv2d -> [nn.BatchNorm2d] -> [elementwise activation]* -> nn.Conv2d (groups=1) "
     "as in ResNet basic and bottleneck blocks; "
-    "Hugging Face BERT layers (both modes): the feed-forward inner width (site "
-    "'<layer>.output.dense') and the attention value/output per head (site "
-    "'<layer>.attention.output.dense'); other BERT modules (embeddings, query, key, pooler) "
-    "are left alone")
+    "transformer blocks of the families in rmtkd.adapters (BERT, Llama, Qwen2, Mistral): "
+    "the MLP inner width and the value width per key-value head (width mode), any "
+    "projection's input (project mode); embeddings, query, key, pooler and head are left "
+    "alone")
 
 # Elementwise (shape-agnostic) modules that may sit between producer and consumer.
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Mish,
@@ -135,8 +135,8 @@ class Reduction:
     def from_basis(cls, site: Any, basis: torch.Tensor, stats: Any = None,
                    mode: str = "width", surgery: str = "auto") -> "Reduction":
         """Like :meth:`from_fit` for a given (d, k) orthonormal basis."""
-        if site.where != "input":
-            raise ValueError(f"site {site.name!r}: only input sites can be reduced")
+        if site.where != "input" and mode != "width":
+            raise ValueError(f"site {site.name!r}: project mode reduces module inputs")
         mean = None if stats is None else torch.as_tensor(stats.mean)
         units = recon = None
         if mode == "width" and surgery != "rotate" and stats is not None:

@@ -18,7 +18,7 @@ BACKENDS = ("torch", "triton", "cuda")
 # op -> backend -> predicate(device, dtype) -> (ok, reason-if-not)
 _REGISTRY: dict[str, dict[str, Callable[[torch.device, torch.dtype], tuple[bool, str]]]] = {}
 # (op, backend) pairs that "auto" may pick: those the op's GPU benchmark shows faster.
-_AUTO: set[tuple[str, str]] = set()
+AUTO_PICKS: set[tuple[str, str]] = set()
 
 
 def register_backend(
@@ -34,12 +34,12 @@ def register_backend(
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _REGISTRY.setdefault(op, {})[backend] = available
     if auto:
-        _AUTO.add((op, backend))
+        AUTO_PICKS.add((op, backend))
     else:
-        _AUTO.discard((op, backend))
+        AUTO_PICKS.discard((op, backend))
 
 
-def _always(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+def always_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     return True, ""
 
 
@@ -68,13 +68,13 @@ def resolve_backend(op: str, requested: str | None, device: torch.device | str |
     if req == "auto":  # the process-wide choice, if any, replaces the default
         req = os.environ.get("RMTKD_BACKEND", "auto").strip().lower()
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    impls = _REGISTRY.get(op, {"torch": _always})
+    impls = _REGISTRY.get(op, {"torch": always_available})
     if req == "auto":
         # GPU backends only for CUDA tensors (never the Triton interpreter), fastest first;
         # an op whose GPU kernels lose to torch at some shapes leaves them unregistered or
         # declines in its predicate, as its benchmark decides.
         for name in ("cuda", "triton"):
-            if (dev.type == "cuda" and name in impls and (op, name) in _AUTO
+            if (dev.type == "cuda" and name in impls and (op, name) in AUTO_PICKS
                     and impls[name](dev, dtype)[0]):
                 return name
         return "torch"

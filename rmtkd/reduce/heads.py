@@ -1,0 +1,164 @@
+"""Per-head value widths: the padded value / selecting output modules and the per-head
+bases.
+
+Attention code views q, k and v alike as ``(..., heads, head_dim)``, so a narrower value
+tensor does not fit it. :class:`HeadPaddedLinear` computes only the kept value dims and
+zero-pads each head back to ``head_size``; :class:`HeadSelectLinear` drops the padded
+zeros before the (narrower) output projection. Every framework tensor shape (and a KV
+cache) stays as it was, any attention backend works, and heads may keep different widths
+(0 too). Parameters and the value/output matmuls shrink to ``sum(head_dims)``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def _head_dims(head_dims: Sequence[int], head_size: int) -> tuple[list[int], int]:
+    """Validated per-head kept dimensions (each in [0, head_size]) and the head size."""
+    dims, size = [int(k) for k in head_dims], int(head_size)
+    if any(not 0 <= k <= size for k in dims):
+        raise ValueError(f"head_dims must be in [0, {size}]; got {dims}")
+    return dims, size
+
+
+def kept_index(head_dims: Sequence[int], head_size: int, device=None) -> torch.Tensor:
+    """Positions of the kept dims in the padded ``len(head_dims) * head_size`` layout."""
+    idx = torch.cat([torch.arange(k, dtype=torch.long) + h * head_size
+                     for h, k in enumerate(head_dims)] or [torch.zeros(0, dtype=torch.long)])
+    return idx if device is None or torch.device(device).type == "meta" else idx.to(device)
+
+
+class HeadPaddedLinear(nn.Module):
+    """``nn.Linear(in_features -> sum(head_dims))`` whose outputs are zero-padded per head to
+    ``head_size`` (out: ``len(head_dims) * head_size``): head h's kept values sit in the
+    first ``head_dims[h]`` entries of its block."""
+
+    def __init__(self, in_features: int, head_dims: Sequence[int], head_size: int,
+                 bias: bool = True, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
+        self.in_features = int(in_features)
+        self.out_features = len(self.head_dims) * self.head_size
+        self.linear = nn.Linear(in_features, sum(self.head_dims), bias=bias, device=device,
+                                dtype=dtype)
+        self.register_buffer("index", kept_index(self.head_dims, self.head_size, device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        out = y.new_zeros(*y.shape[:-1], self.out_features)
+        return out.index_copy(-1, self.index, y)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, head_dims={self.head_dims}, " \
+               f"head_size={self.head_size}"
+
+
+class HeadSelectLinear(nn.Module):
+    """Keeps the first ``head_dims[h]`` entries of each head's ``head_size`` block of the
+    input (``len(head_dims) * head_size`` features), then ``nn.Linear(sum(head_dims) ->
+    out_features)``."""
+
+    def __init__(self, head_dims: Sequence[int], head_size: int, out_features: int,
+                 bias: bool = True, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
+        self.in_features = len(self.head_dims) * self.head_size
+        self.out_features = int(out_features)
+        self.linear = nn.Linear(sum(self.head_dims), out_features, bias=bias, device=device,
+                                dtype=dtype)
+        self.register_buffer("index", kept_index(self.head_dims, self.head_size, device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.index_select(-1, self.index))
+
+    def extra_repr(self) -> str:
+        return f"head_dims={self.head_dims}, head_size={self.head_size}, " \
+               f"out_features={self.out_features}"
+
+
+def f64(t: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(t).detach().to(device="cpu", dtype=torch.float64)
+
+
+def top_eigenvectors(C: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k eigenvectors (columns, float64) of the symmetric ``C``."""
+    evals, evecs = torch.linalg.eigh((f64(C) + f64(C).T) / 2)
+    return evecs[:, torch.argsort(evals, descending=True)[:k]]
+
+
+def head_bases(basis: torch.Tensor, num_heads: int, head_size: int, *,
+               rtol: float = 1e-6) -> list[torch.Tensor]:
+    """Per head h, an orthonormal basis (head_size x k_h, float64) of the column space of
+    ``basis[h*head_size:(h+1)*head_size, :]`` (numerical rank with relative tolerance
+    ``rtol``). For a block-structured basis, head h keeps exactly its own columns' span."""
+    B = f64(basis)
+    if B.shape[0] != num_heads * head_size:
+        raise ValueError(f"basis has {B.shape[0]} rows; expected heads x head_size = "
+                         f"{num_heads} x {head_size}")
+    out = []
+    scale = max(torch.linalg.matrix_norm(B, ord=2).item(), 1e-300)
+    for h in range(num_heads):
+        block = B[h * head_size:(h + 1) * head_size]
+        u, s, _ = torch.linalg.svd(block, full_matrices=False)
+        out.append(u[:, : int((s > rtol * scale).sum())])
+    return out
+
+
+def block_diagonal_basis(covariance: torch.Tensor, num_heads: int, ks: Sequence[int]
+                         ) -> torch.Tensor:
+    """``(d, sum k_h)`` basis: per head h the top ``k_h`` eigenvectors of the head's
+    diagonal block of the d x d ``covariance``, in that head's rows."""
+    C = f64(covariance)
+    d = C.shape[0]
+    if C.shape != (d, d) or d % num_heads:
+        raise ValueError(f"covariance must be d x d with d divisible by num_heads={num_heads};"
+                         f" got {tuple(C.shape)}")
+    hd = d // num_heads
+    if len(ks) != num_heads or any(not 0 <= int(x) <= hd for x in ks):
+        raise ValueError(f"k must be in [0, {hd}] per head ({num_heads} values); got "
+                         f"{list(ks)}")
+    cols = []
+    for h, kh in enumerate(ks):
+        full = torch.zeros(d, int(kh), dtype=torch.float64)
+        full[h * hd:(h + 1) * hd] = top_eigenvectors(C[h * hd:(h + 1) * hd,
+                                                       h * hd:(h + 1) * hd], int(kh))
+        cols.append(full)
+    return torch.cat(cols, dim=1)
+
+
+def dense_value(value: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out x in weight, bias) in float64 of a value map, padded rows zero."""
+    from .maths import UnsupportedModuleError
+
+    if type(value) is nn.Linear:
+        return f64(value.weight), None if value.bias is None else f64(value.bias)
+    if isinstance(value, HeadPaddedLinear):
+        w = torch.zeros(value.out_features, value.in_features, dtype=torch.float64)
+        w[value.index.cpu()] = f64(value.linear.weight)
+        b = None
+        if value.linear.bias is not None:
+            b = torch.zeros(value.out_features, dtype=torch.float64)
+            b[value.index.cpu()] = f64(value.linear.bias)
+        return w, b
+    raise UnsupportedModuleError(f"value width cut: {name!r} is a {type(value).__name__}; "
+                                 f"expected nn.Linear or HeadPaddedLinear (already projected?)")
+
+
+def dense_out(dense: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out x in weight, bias) in float64 of an output map, removed columns zero."""
+    from .maths import UnsupportedModuleError
+
+    if type(dense) is nn.Linear:
+        return f64(dense.weight), None if dense.bias is None else f64(dense.bias)
+    if isinstance(dense, HeadSelectLinear):
+        w = torch.zeros(dense.out_features, dense.in_features, dtype=torch.float64)
+        w[:, dense.index.cpu()] = f64(dense.linear.weight)
+        return w, None if dense.linear.bias is None else f64(dense.linear.bias)
+    raise UnsupportedModuleError(
+        f"value width cut: {name!r} is a {type(dense).__name__}, not an nn.Linear or "
+        f"HeadSelectLinear (already projected?)")
