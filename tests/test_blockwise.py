@@ -29,13 +29,7 @@ HID, FF, HEADS, KV, VOCAB, SEQ = 64, 176, 4, 2, 128, 32
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these tiny shapes gain nothing from more, and the CPUs are shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama(layers=3, seed=0):

@@ -31,13 +31,7 @@ FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwe
             "mistral": (MistralConfig, MistralForCausalLM)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these tiny shapes gain nothing from more, and the CPUs are shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decoder(family="llama", layers=2, seed=0) -> nn.Module:

@@ -78,3 +78,28 @@ def test_heldout_perplexity_is_sane(converted):
     assert seqs.shape == (3, 128)
     ppl = perplexity(model, seqs, batch_size=3)
     assert math.isfinite(ppl) and 2.0 < ppl < 100.0   # 25.35 with transformers 5.24
+
+
+@needs_model
+def test_cli_example_runs_within_its_budget(tmp_path, capsys, converted):
+    """`rmtkd compress-llm --example smollm2` end to end on the real model, with a short
+    calibration (512 tokens), no distillation and one attempt per block: the output loads,
+    is not larger, and the printed budget line shows the slice's perplexity within 1.10x."""
+    import json
+
+    import rmtkd
+    from rmtkd.cli import main
+
+    out = tmp_path / "smollm2-rmtkd"
+    assert main(["compress-llm", "--example", "smollm2", "--out", str(out), "--quiet",
+                 "--calib-tokens", "512", "--heldout-tokens", "256", "--distill-epochs", "0",
+                 "--backoff", "0", "--no-eval"]) == 0
+    text = capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())["blockwise"]
+    before, after = plan["original_ppl"], plan["final_ppl"]
+    assert after <= 1.10 * before and f"{before:.3f} -> {after:.3f}" in text
+    assert len({r["block"] for r in plan["history"]}) == 30
+    model = rmtkd.load(out)
+    n = sum(p.numel() for p in model.parameters())
+    assert n <= sum(p.numel() for p in converted[1].parameters())
+    assert f"-> {n:,}" in text

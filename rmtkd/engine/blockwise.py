@@ -18,8 +18,12 @@ Llama, Qwen2, Mistral) compressed one decoder block at a time in bounded memory.
    original's (P: parameters of the blocks; the allowance grows with the share of the
    model already processed, so the budget is spread over the blocks instead of being
    spent by the first ones, and what a block leaves unused carries over to later ones).
-   A block over its allowance is cut again less deeply (``blockwise.backoff`` times, each
-   keeping half of what the previous attempt removed), then left uncut. At the last block
+   Each cut is measured on the held-out slice before it is distilled; a cut over the
+   block's allowance is not distilled but cut again less deeply (``blockwise.backoff``
+   times: the share of the cut that the measured perplexity says would fit, taking log
+   perplexity as linear in the share, with a 20% margin), then the block is left uncut.
+   A cut within its allowance is distilled and measured again; the better of the two is
+   kept (distillation fits the calibration states, not always the held-out text). At the last block
    the measured perplexity is the final model's, so the final model is within the budget
    on the held-out slice. ``ppl_ratio=None`` switches the budget off; ``ppl_ratio=1`` is a
    zero budget: no lossy cut is kept;
@@ -333,6 +337,7 @@ class Blockwise(Strategy):
         self.targets.flush()
         self.params_before = n_params(self.orig)
         self.ppl = math.nan
+        self.index, self.tried = i, []   # (share, log perplexity ratio) per attempt
 
     def calibrate(self, unit: Unit) -> dict:
         out = {}
@@ -351,6 +356,21 @@ class Blockwise(Strategy):
     def params(self) -> int:
         return n_params(self.orig)
 
+    def _share(self, attempt: int) -> float | None:
+        """The share of each site's cut made at ``attempt``: all of it first; then, from the
+        perplexity the last attempt measured, the share that would spend what the block may
+        (log-perplexity taken as linear in the share, with a 20% margin); None when no
+        useful cut is left."""
+        if attempt == 0:
+            return 1.0
+        share, log_ratio = self.tried[-1]
+        allowed = math.log(self._allowance(self.index) * self.state["original_ppl"]
+                           / self.state["current_ppl"])
+        if allowed <= 0 or log_ratio <= 0:
+            return None
+        new = min(0.75 * share, 0.8 * share * allowed / log_ratio)
+        return new if new >= 0.05 else None
+
     def cut(self, unit: Unit, cuts: list[Cut], recs: list[StepRecord], attempt: int
             ) -> bool:
         if self.budgeted and float(self.b.ppl_ratio) <= 1.0:
@@ -358,14 +378,19 @@ class Blockwise(Strategy):
                 r.status, r.reason = "skipped", ("zero budget (ppl_ratio = 1): no lossy cut "
                                                  "is kept")
             return False
+        share = self._share(attempt)
+        if share is None:
+            for r in recs:
+                r.reason += "; no smaller cut fits in what is left of the budget"
+            return False
         self.layer = copy.deepcopy(self.orig)
         applied = False
         for cut, rec in zip(cuts, recs):
-            rec.attempt = attempt
-            rec.k, rec.head_ks = attempt_k(cut, attempt)
+            rec.attempt, rec.share = attempt, share
+            rec.k, rec.head_ks = attempt_k(cut, share)
             rec.energy = kept_energy(cut, rec.k, rec.head_ks) if rec.k > 0 else 0.0
-            why = self._cut_site(cut, rec, attempt)
-            note = f"attempt {attempt}: " if attempt else ""
+            why = self._cut_site(cut, rec, share)
+            note = f"attempt {attempt} (share {share:.2f} of the cut): " if attempt else ""
             if why is None:
                 rec.status = "applied"
                 applied = True
@@ -376,6 +401,7 @@ class Blockwise(Strategy):
         if not applied:
             self.layer = self.orig
             return False
+        self.share = share
         self.err_cut = run_states(self.layer, self._run(unit.index),
                                   self.files[self.state["current"]], targets=self.targets,
                                   batch_size=self.b.batch_size, device=self.dev)
@@ -383,7 +409,7 @@ class Blockwise(Strategy):
             r.error_cut = r.error_final = self.err_cut
         return True
 
-    def _cut_site(self, cut: Cut, rec: StepRecord, attempt: int) -> str | None:
+    def _cut_site(self, cut: Cut, rec: StepRecord, share: float) -> str | None:
         """Cut one site of ``self.layer``; None when applied, else why not."""
         if rec.k < 1:
             return "no spike above the threshold (k = 0): the site is left as is"
@@ -391,14 +417,14 @@ class Blockwise(Strategy):
             return f"k = d = {rec.d}: nothing to cut"
         try:
             if self.cfg.mode == "width":
-                red = reduction(cut, self.cfg, attempt)
+                red = reduction(cut, self.cfg, share)
                 res = reduce_site(self.layer, red, force=self.keep_all)
                 return None if res.applied else res.reason
-            return self._project(cut, rec.k, attempt)
+            return self._project(cut, rec.k)
         except (UnsupportedModuleError, ValueError) as e:
             return f"not cut: {e}"
 
-    def _project(self, cut: Cut, k: int, attempt: int) -> str | None:
+    def _project(self, cut: Cut, k: int) -> str | None:
         from ..rank_rules import top_eigenvectors
 
         basis = top_eigenvectors(cut.stats.cov)[1][:, :k]
@@ -423,7 +449,28 @@ class Blockwise(Strategy):
                 set_module(self.layer, g, old)
         return None if done else f"project at k={k} would not reduce parameters"
 
+    def _over_budget(self, ppl: float) -> str | None:
+        allowed = self._allowance(self.index)
+        got = ppl / self.state["original_ppl"]
+        if got > allowed:
+            return (f"held-out perplexity {ppl:.3f} is {got:.4f}x the original "
+                    f"{self.state['original_ppl']:.3f}; blocks 0..{self.index} may spend "
+                    f"{allowed:.4f}x of the budget {self.b.ppl_ratio}")
+        return None
+
+    def precheck(self, unit: Unit, recs: list[StepRecord]) -> str | None:
+        """The cut's held-out perplexity before distillation: a cut already over the
+        block's allowance is not distilled (the back-off is measured instead)."""
+        if not self.budgeted:
+            return None
+        self.ppl_cut = self._heldout_ppl(self.layer, unit.index, self.held_states)
+        self.tried.append((self.share, math.log(self.ppl_cut / self.state["current_ppl"])))
+        for r in recs:
+            r.metric_reduced = self.ppl_cut
+        return self._over_budget(self.ppl_cut)
+
     def distil(self, unit: Unit, recs: list[StepRecord]) -> str | None:
+        self.saved_cut = None
         if self.cfg.distill_epochs <= 0 or self.keep_all:
             return None
         run_fn, cur = self._run(unit.index), self.files[self.state["current"]]
@@ -436,26 +483,30 @@ class Blockwise(Strategy):
         if not err < self.err_cut:   # distillation did not help: keep the plain cut
             self.layer.load_state_dict(saved)
             err = self.err_cut
+        else:
+            self.saved_cut = saved
         for r in recs:
             r.error_final = err
         return None
 
     def judge(self, unit: Unit, recs: list[StepRecord]) -> str | None:
+        """After distillation: the held-out perplexity, the better of the distilled and
+        the plain cut (which passed the precheck) is kept."""
         if not self.budgeted:
             return None
-        ratio = float(self.b.ppl_ratio)
-        if ratio <= 1.0:
-            return "zero budget (ppl_ratio = 1): no lossy cut is kept"
-        self.ppl = self._heldout_ppl(self.layer, unit.index, self.held_states)
+        self.ppl = self.ppl_cut
+        if self.saved_cut is not None:
+            ppl = self._heldout_ppl(self.layer, unit.index, self.held_states)
+            if ppl <= self.ppl_cut:
+                self.ppl = ppl
+            else:   # distillation fitted the calibration states but not the held-out text
+                self.layer.load_state_dict(self.saved_cut)
+                for r in recs:
+                    r.error_final = r.error_cut
+                    r.reason += "; distillation raised the held-out perplexity: undone"
         for r in recs:
             r.metric_after = self.ppl
-        allowed = self._allowance(unit.index)
-        got = self.ppl / self.state["original_ppl"]
-        if got > allowed:
-            return (f"held-out perplexity {self.ppl:.3f} is {got:.4f}x the original "
-                    f"{self.state['original_ppl']:.3f}; blocks 0..{unit.index} may spend "
-                    f"{allowed:.4f}x of the budget {ratio}")
-        return None
+        return self._over_budget(self.ppl)
 
     def accept(self, unit: Unit, recs: list[StepRecord]) -> None:
         if not math.isnan(self.ppl):
@@ -478,8 +529,12 @@ class Blockwise(Strategy):
         layer.load_state_dict({k: v.float() for k, v in stored.items()})
         del stored
         run_fn = self._run(i)
-        run_states(layer, run_fn, self.files[cur], batch_size=b.batch_size, device=self.dev,
-                   out=self.files[nxt])
+        if layer is self.orig:   # uncut: its outputs are the teacher targets, bit for bit
+            for a, c in chunks(self.targets.shape[0], b.batch_size):
+                self.files[nxt][a:c] = self.targets[a:c]
+        else:
+            run_states(layer, run_fn, self.files[cur], batch_size=b.batch_size,
+                       device=self.dev, out=self.files[nxt])
         self.files[nxt].flush()
         if self.held_states is not None:
             self.held_states = _run_all(layer, run_fn, self.held_states, b.batch_size,

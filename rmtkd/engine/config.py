@@ -37,7 +37,8 @@ class BlockwiseSettings:
     ppl_ratio: the quality budget, held-out perplexity <= ppl_ratio x the original's
     (1.10: at most +10%); None: no budget (every block keeps its cut).
     backoff: partial cuts tried on a block that breaks its share of the budget before the
-    block is left uncut (each keeps half of what the previous attempt removed).
+    block is left uncut (each cuts the share of the site's cut that the last attempt's
+    measured perplexity says fits).
     global_kl_steps, global_lr: optional final KL distillation on the logits (loads the
     whole original and compressed models; 0 = off).
     keep_all: fit nothing, keep every direction (k = d) and cut anyway (checks: the output

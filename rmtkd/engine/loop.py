@@ -4,8 +4,8 @@ For each unit of a strategy (a site of the whole model, or a decoder block with 
 shallow to deep::
 
     seed (seed, step) -> prepare -> calibrate (site covariances) -> fit + choose k
-    -> [cut -> distil -> evaluate against the budget -> accept | roll back
-        (then, while back-offs remain, a partial cut: half of what was cut)]
+    -> [cut -> precheck -> distil -> evaluate against the budget -> accept | roll back
+        (then, while back-offs remain, a partial cut: a share of what was cut)]
     -> finish -> checkpoint
 
 A :class:`Strategy` says where each piece comes from: live forward hooks or stored hidden
@@ -77,8 +77,13 @@ class Strategy:
 
     def cut(self, unit: Unit, cuts: list[Cut], recs: list[StepRecord], attempt: int
             ) -> bool:
-        """Apply the cuts at back-off ``attempt``; False when nothing was cut."""
+        """Apply the cuts at back-off ``attempt`` (the strategy chooses the share of each
+        site's cut: :func:`rmtkd.engine.step.backed_off`); False when nothing was cut."""
         raise NotImplementedError
+
+    def precheck(self, unit: Unit, recs: list[StepRecord]) -> str | None:
+        """Before distilling: None to go on, or why this cut is already out of budget."""
+        return None
 
     def distil(self, unit: Unit, recs: list[StepRecord]) -> str | None:
         """Distil after the cut; a reason string when it failed (diverged)."""
@@ -130,7 +135,9 @@ def run(s: Strategy) -> None:
             for attempt in range(s.backoff + 1):
                 if not s.cut(unit, cuts, recs, attempt):
                     break
-                why = s.distil(unit, recs)
+                why = s.precheck(unit, recs)
+                if why is None:
+                    why = s.distil(unit, recs)
                 if why is None:
                     why = s.judge(unit, recs)
                 if why is None:

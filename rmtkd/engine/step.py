@@ -28,7 +28,8 @@ class StepRecord:
     held-out perplexity) at the start of the step, right after the cut and after
     distillation. error_cut / error_final: block-wise, the relative error of the block's
     outputs against the original block's. status: "applied", "skipped" (nothing changed) or
-    "rolled back" (reason says why). attempt: 0 for the site's own k, a > 0 for the a-th
+    "rolled back" (reason says why). share: the part of the rule's cut that was made (1: the
+    site's own k; a back-off cuts less). attempt: 0 for the site's own k, a > 0 for the a-th
     back-off toward the full width. mp_k: the MP spike count (what the paper's rule keeps).
     """
 
@@ -56,6 +57,7 @@ class StepRecord:
     error_cut: float | None = None
     error_final: float | None = None
     attempt: int = 0
+    share: float = 1.0
     energy: float | None = None   # share of the site's variance the kept directions hold
 
     def to_dict(self) -> dict:
@@ -149,29 +151,30 @@ def plan_cut(site: Site, stats: Any, n: int, cfg: Any, *, kv_heads: int | None =
     return Cut(site, fit, fit.k, fit.k, None, stats)
 
 
-def backed_off(k: int, d: int, attempt: int) -> int:
-    """k after ``attempt`` back-offs: each keeps half of what the previous attempt cut."""
-    return d - int(math.floor((d - k) / 2 ** attempt))
+def backed_off(k: int, d: int, share: float) -> int:
+    """k when only ``share`` (0..1) of the ``d - k`` directions the site's rule cuts are cut:
+    1 is the rule's own k, 0 keeps everything."""
+    return d - int(math.floor((d - k) * share + 1e-9))
 
 
-def reduction(cut: Cut, cfg: Any, attempt: int = 0) -> Reduction | None:
-    """The :class:`Reduction` of ``cut`` at back-off ``attempt`` (None when it keeps
-    nothing or everything)."""
+def reduction(cut: Cut, cfg: Any, share: float = 1.0) -> Reduction | None:
+    """The :class:`Reduction` of ``cut`` when ``share`` of its cut is made (None when it
+    keeps nothing)."""
     site, st = cut.site, cut.stats
     mean = torch.as_tensor(st.mean)
     if cut.head_ks is not None:
         hd = cut.d // len(cut.head_ks)
-        ks = [backed_off(k, hd, attempt) for k in cut.head_ks]
+        ks = [backed_off(k, hd, share) for k in cut.head_ks]
         if sum(ks) < 1:
             return None
         return head_reduction(site.name, site.module_name, st.cov, len(ks), ks, mean=mean)
-    k = backed_off(cut.k, cut.d, attempt)
+    k = backed_off(cut.k, cut.d, share)
     if k < 1:
         return None
-    if attempt == 0 and cut.basis is None and cut.fit is not None and \
+    if share == 1.0 and cut.basis is None and cut.fit is not None and \
             cut.fit.eigenvectors is not None and cut.fit.k >= k:
         return Reduction.from_fit(site, cut.fit, st, cfg.mode, cfg.width_surgery)
-    if attempt == 0 and cut.basis is not None:
+    if share == 1.0 and cut.basis is not None:
         basis = cut.basis
     else:
         basis = top_eigenvectors(st.cov)[1][:, :k]
@@ -200,13 +203,13 @@ def kept_energy(cut: Cut, k: int, head_ks: list[int] | None) -> float | None:
     return float(np.clip(vals[:k], 0, None).sum()) / trace
 
 
-def attempt_k(cut: Cut, attempt: int) -> tuple[int, list[int] | None]:
-    """``(k, head_ks)`` at back-off ``attempt``."""
+def attempt_k(cut: Cut, share: float) -> tuple[int, list[int] | None]:
+    """``(k, head_ks)`` when ``share`` of the cut is made."""
     if cut.head_ks is not None:
         hd = cut.d // len(cut.head_ks)
-        ks = [backed_off(k, hd, attempt) for k in cut.head_ks]
+        ks = [backed_off(k, hd, share) for k in cut.head_ks]
         return sum(ks), ks
-    return backed_off(cut.k, cut.d, attempt), None
+    return backed_off(cut.k, cut.d, share), None
 
 
 def record(cut: Cut, mode: str, params: int, metric: float, rank_rule: str,

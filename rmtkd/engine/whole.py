@@ -355,11 +355,12 @@ class WholeModel(Strategy):
         cut, rec = cuts[0], recs[0]
         if cut.k < 1:
             return False
-        rec.k, rec.head_ks = attempt_k(cut, attempt)
-        rec.attempt = attempt
+        share = 0.5 ** attempt   # each back-off cuts half of what the previous one did
+        rec.k, rec.head_ks = attempt_k(cut, share)
+        rec.attempt, rec.share = attempt, share
         rec.energy = kept_energy(cut, rec.k, rec.head_ks)
         try:
-            red = reduction(cut, self.cfg, attempt)
+            red = reduction(cut, self.cfg, share)
             result = None if red is None else reduce_site(self.model, red)
         except UnsupportedModuleError as e:
             rec.status, rec.reason = "skipped", str(e)

@@ -183,25 +183,20 @@ def select_units(cov: torch.Tensor, basis: torch.Tensor, *, ridge: float = 1e-6
 
     Units are picked by pivoted Gram-Schmidt on the columns of ``basis^T`` (k x d): at each
     step the unit whose row has the largest norm after removing the span of those already
-    picked (the pivots of a column-pivoted QR of U^T). ``R = C[:, S] (C[S, S] + lam I)^-1``
-    with ``lam = ridge * mean(diag C[S, S])`` (the regression of all units on the kept ones
-    under the site covariance ``cov`` (d x d, symmetric).
+    picked, i.e. the first k pivots of a column-pivoted QR of U^T (LAPACK geqp3, which
+    is what runs). ``R = C[:, S] (C[S, S] + lam I)^-1`` with ``lam = ridge * mean(diag
+    C[S, S])`` (the regression of all units on the kept ones under the site covariance
+    ``cov`` (d x d, symmetric).
 
     Returns:
         ``(units (k,) int64 sorted, R (d, k) float64)``; ``R[S] ~= I``.
     """
+    from scipy.linalg import qr
+
     B = basis.detach().to(device="cpu", dtype=torch.float64)
     d, k = B.shape
-    rows = B.clone()                      # residual of each unit's row (d x k)
-    picked: list[int] = []
-    for _ in range(k):
-        norms = rows.pow(2).sum(1)
-        if picked:
-            norms[picked] = -1.0
-        j = int(norms.argmax())
-        picked.append(j)
-        q = rows[j] / rows[j].norm().clamp_min(1e-300)
-        rows -= torch.outer(rows @ q, q)
+    _, _, piv = qr(B.T.numpy(), mode="economic", pivoting=True, check_finite=False)
+    picked = [int(j) for j in piv[:k]]
     S = torch.tensor(sorted(picked), dtype=torch.int64)
     C = cov.detach().to(device="cpu", dtype=torch.float64)
     css = C[S][:, S]
