@@ -42,7 +42,7 @@ import transformers  # noqa: F401
 import transformers.masking_utils  # noqa: F401  (what the job imports lazily, so that
 import transformers.models.llama.modeling_llama  # noqa: F401  the baseline holds it)
 from rmtkd import engine
-from rmtkd.reduce import llama  # noqa: F401
+from rmtkd.reduce import transformer  # noqa: F401
 from rmtkd.spectral import spikes  # noqa: F401
 
 

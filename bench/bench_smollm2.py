@@ -10,6 +10,8 @@ held-out documents (never seen by the job).
     python bench/bench_smollm2.py                                  # mp, budget 1.10
     python bench/bench_smollm2.py --ppl-ratio none --tag mp-nobudget
     python bench/bench_smollm2.py --rank-rule uniform:0.5 --ppl-ratio none --tag uniform
+    # rank rules at equal size, cut only (no distillation, no budget):
+    python bench/bench_smollm2.py --distill-epochs 0 --ppl-ratio none --no-speed --tag cut-mp
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def main() -> None:
     ap.add_argument("--backoff", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--no-speed", action="store_true",
+                    help="skip the tokens/s measurement (rank-rule comparisons)")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
 
@@ -62,12 +66,20 @@ def main() -> None:
                                tokenizer=load_tokenizer(model_dir))
         before = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         after = rmtkd.load(Path(tmp) / "out").float()
-        cmp = compare_models(before, after, seqs, new_tokens=a.new_tokens, repeats=5)
+        if a.no_speed:
+            from rmtkd.llm import count_params, perplexity
+
+            cmp = {n: {"params": count_params(m), "perplexity": perplexity(m, seqs),
+                       "tokens_per_s": float("nan")}
+                   for n, m in (("before", before), ("after", after))}
+        else:
+            cmp = compare_models(before, after, seqs, new_tokens=a.new_tokens, repeats=5)
     b, f = cmp["before"], cmp["after"]
     blocks = [{"block": x.index, "status": x.status,
                "k": {s["site"]: s["k"] for s in x.sites},
                "d": {s["site"]: s["d"] for s in x.sites},
                "mp_k": {s["site"]: s["mp_k"] for s in x.sites},
+               "energy": {s["site"]: s["energy"] for s in x.sites},
                "attempt": max(s["attempt"] for s in x.sites),
                "ppl_budget_slice": x.sites[0].get("metric_after"),
                "error_final": x.error_final, "seconds": x.seconds} for x in res.blocks]
