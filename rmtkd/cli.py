@@ -4,7 +4,8 @@
     rmtkd analyze --model model.pt --data data.npy [--out DIR] [--sites 'blocks.*.fc2']
     rmtkd compress --example digits-mlp|mnist-cnn|minilm [--mode width|project] [--out DIR]
     rmtkd compress --model model.pt --data data.pt [--config job.toml] [--out DIR] [--resume]
-    rmtkd compress-llm --model HF_DIR --text FILE --out DIR [--mode width|project] [--resume]
+    rmtkd compress-llm --model HF_DIR --text FILE --out DIR [--ppl-ratio 1.10] [--resume]
+    rmtkd compress-llm --example smollm2 [--out DIR]
 
 Errors in the job's own input (arguments, --config, data and model files, a damaged
 checkpoint, data that does not fit the model: see ``_input_errors``) print one line

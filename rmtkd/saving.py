@@ -9,7 +9,7 @@ Format (a directory, written atomically: a temporary sibling renamed at the end)
   ``architecture`` (the module tree, see below), ``frozen`` (parameters with
   ``requires_grad=False``), ``aliases``, ``sha256`` of ``model.safetensors`` (checked by
   :func:`load`), ``reductions`` (each applied :class:`rmtkd.reduce.Reduction`'s ``to_dict()``)
-  and, when a :class:`rmtkd.compress.CompressionResult` is saved, ``history``, ``config`` and
+  and, when a :class:`rmtkd.CompressionResult` is saved, ``history``, ``config`` and
   the metric / parameter totals.
 
 The architecture is rebuilt without the original training code: every module must be one of
@@ -344,7 +344,7 @@ def _json_default(o: Any) -> Any:
 
 
 def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Save a :class:`rmtkd.compress.CompressionResult` (its model, plan and history) or an
+    """Save a :class:`rmtkd.CompressionResult` (its model, plan and history) or an
     ``nn.Module`` to the directory ``path`` (``model.safetensors`` + ``plan.json``).
 
     Written atomically: into a temporary sibling directory, renamed to ``path`` at the end.

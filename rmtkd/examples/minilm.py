@@ -376,7 +376,7 @@ def minilm_data(seed: int = 0, batch_size: int = BATCH_SIZE, max_length: int = M
 def minilm_calibration_pool(seed: int = 0, tokenizer: Any = None
                             ) -> list[dict[str, torch.Tensor]]:
     """The batches compress draws its calibration subset from (``calib_fraction`` of them,
-    :func:`rmtkd.compress.calibration_subset`): the topic training split, the text the
+    :func:`rmtkd.engine.calibration_subset`): the topic training split, the text the
     metric is measured on, without the docstrings. The MP rank depends on the number of
     calibration tokens n (a larger n resolves weaker spikes: 10% of the topic split is
     about 4,000 tokens, gamma = 1536 / n = 0.4; 10% of all the training sentences would
