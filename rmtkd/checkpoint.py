@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import fsync_dir, hash_file, write_atomic
+from .files import fsync_dir, hash_file, json_default, write_atomic
 
 LATEST = "LATEST"
 MANIFEST = "MANIFEST.json"
@@ -187,7 +187,7 @@ def write_checkpoint(checkpoint_dir: Any, state: dict, tensors: dict[str, torch.
         save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
                    for k, v in {**tensors, **rng}.items()}, str(tmp / TENSORS))
         write_atomic(tmp / STATE, json.dumps({**state, "rng": rng_meta}, indent=1,
-                                             default=_json_default).encode())
+                                             default=json_default).encode())
         write_manifest(tmp, external)   # last: fsyncs every file, then itself and tmp
         final = root / name
         if final.exists():   # left by a run killed before LATEST named it
@@ -237,12 +237,3 @@ def load_checkpoint(checkpoint_dir: Any, *, restore_rng: bool = True
         set_rng_states(state["rng"], tensors)
     return state, tensors
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)

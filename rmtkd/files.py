@@ -54,7 +54,17 @@ def write_atomic(path: Any, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_json(path: Any, obj: Any, *, default: Any = str) -> None:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for rmtkd's records: tensors and arrays as lists, NumPy
+    and torch scalars as numbers, anything else as its str."""
+    if hasattr(o, "tolist") and getattr(o, "ndim", 0) > 0:
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def write_json(path: Any, obj: Any, *, default: Any = json_default) -> None:
     """``json.dump`` to ``path`` atomically (indent 1)."""
     write_atomic(path, json.dumps(obj, indent=1, default=default).encode())
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .capture.sites import batch_to, model_device
 from .distill.trainer import model_inputs
-from .files import atomic_directory
+from .files import atomic_directory, json_default
 from .spectral import SpectrumFit, mp_pdf
 
 _COLUMNS = ("site", "d", "n", "gamma", "sigma^2", "lambda_+", "k", "k/d", "estimator",
@@ -159,14 +159,6 @@ def plot_site(path: Path, name: str, fit: SpectrumFit) -> None:
     fig.savefig(path)
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
 def _small_sample_notes(fits: Mapping[str, SpectrumFit]) -> dict[str, str]:
     """Site -> warning for the sites fitted with fewer samples than features (gamma > 1)."""
     from .analysis import small_sample_note
@@ -220,7 +212,7 @@ def write_analysis_report(out_dir: str | os.PathLike, fits: Mapping[str, Spectru
                 sites[name]["warning"] = notes[name]
         (tmp / "report.json").write_text(
             json.dumps({"meta": meta, "sites": sites, "warnings": list(notes.values())},
-                       indent=1, default=_json_default))
+                       indent=1, default=json_default))
         (tmp / "index.md").write_text(_index_md(fits, files, meta))
     return out
 
@@ -353,7 +345,7 @@ def write_compress_report(out_dir: Any, result: Any, *, meta: dict,
         history = [{**r.to_dict(), "plot": files[r.site]} for r in result.history]
         report = {"meta": meta, "summary": summary, **result.to_dict(), "history": history,
                   "fits": {n: f.to_dict() for n, f in result.fits.items()}}
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=json_default))
         lines = ["# RMT-KD compression", ""]
         lines += [f"- **{k}**: {v}" for k, v in meta.items()]
         lines += ["", "## Summary", ""]

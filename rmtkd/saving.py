@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from .adapters import hf_classes
-from .files import atomic_directory, hash_file
+from .files import atomic_directory, hash_file, json_default
 
 FORMAT = "rmtkd-model"
 HF_FORMAT = "rmtkd-hf"
@@ -328,19 +328,9 @@ def write_model_dir(tmp: Path, model: nn.Module, extras: dict | None = None) -> 
             "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
             "sha256": _sha256(tmp / WEIGHTS), **(extras or {})}
     with open(tmp / PLAN, "w") as f:
-        json.dump(plan, f, indent=1, default=_json_default)
+        json.dump(plan, f, indent=1, default=json_default)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (torch.Tensor,)):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -567,7 +557,7 @@ def _write_hf_dir(tmp: Path, model: nn.Module, cfg: dict, extras: dict | None) -
             "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
             "sha256": _sha256(tmp / WEIGHTS), **(extras or {})})):
         with open(tmp / name, "w") as f:
-            json.dump(obj, f, indent=1, default=_json_default)
+            json.dump(obj, f, indent=1, default=json_default)
             f.flush()
             os.fsync(f.fileno())
 

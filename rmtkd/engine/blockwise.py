@@ -284,8 +284,7 @@ class Blockwise(Strategy):
             h = _run_all(layer, self._run(i), h, b.batch_size, self.dev)
         for j in range(i + 1, self.config.num_hidden_layers):
             h = _run_all(self._layer(j), self._run(j), h, b.batch_size, self.dev)
-        norm = family.final_norm(self.config, self.src.get(FINAL_NORM)).to(self.dev)
-        head = self.src.lm_head().float().to(self.dev)
+        norm, head = self._head()
         nll, count = 0.0, 0
         for a, c in chunks(h.shape[0], max(1, b.batch_size // 2)):
             logits = norm(h[a:c].to(self.dev)) @ head.T
@@ -295,6 +294,14 @@ class Blockwise(Strategy):
                 reduction="sum"))
             count += ids[:, 1:].numel()
         return math.exp(nll / count)
+
+    def _head(self) -> tuple[nn.Module, torch.Tensor]:
+        """The final norm and the head (fp32, on the device), read once per job."""
+        if getattr(self, "_norm_head", None) is None:
+            self._norm_head = (
+                family.final_norm(self.config, self.src.get(FINAL_NORM)).to(self.dev),
+                self.src.lm_head().float().to(self.dev))
+        return self._norm_head
 
     def _allowance(self, i: int) -> float:
         """The perplexity ratio blocks 0..i may spend: ``ppl_ratio ** (share of the block
@@ -425,9 +432,7 @@ class Blockwise(Strategy):
             return f"not cut: {e}"
 
     def _project(self, cut: Cut, k: int) -> str | None:
-        from ..rank_rules import top_eigenvectors
-
-        basis = top_eigenvectors(cut.stats.cov)[1][:, :k]
+        basis = cut.eigh()[1][:, :k]
         name = cut.site.module_name
         prefix, _, leaf = name.rpartition(".")
         key = leaf.removesuffix("_proj")

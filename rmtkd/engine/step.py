@@ -111,6 +111,13 @@ class Cut:
     def d(self) -> int:
         return self.site.dim
 
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every eigenvalue (descending) and eigenvector of the site covariance, float64:
+        computed once per cut, however many back-offs ask for it."""
+        if getattr(self, "_eigh", None) is None:
+            self._eigh = top_eigenvectors(self.stats.cov)
+        return self._eigh
+
 
 def head_ks(cov: torch.Tensor, kv_heads: int, n: int, cfg: Any) -> list[int]:
     """k per key-value head: the rank rule on each head's diagonal block of the site
@@ -146,8 +153,10 @@ def plan_cut(site: Site, stats: Any, n: int, cfg: Any, *, kv_heads: int | None =
         vals, vecs = top_eigenvectors(stats.cov)
         k = choose_k(cfg.rank_rule, fit, d, eigenvalues=vals)
         dtype = stats.cov.dtype if stats.cov.dtype.is_floating_point else torch.float32
-        return Cut(site, fit, k, fit.k, None, stats,
-                   basis=vecs[:, :k].to(dtype=dtype, device=stats.cov.device))
+        cut = Cut(site, fit, k, fit.k, None, stats,
+                  basis=vecs[:, :k].to(dtype=dtype, device=stats.cov.device))
+        cut._eigh = (vals, vecs)
+        return cut
     return Cut(site, fit, fit.k, fit.k, None, stats)
 
 
@@ -177,7 +186,7 @@ def reduction(cut: Cut, cfg: Any, share: float = 1.0) -> Reduction | None:
     if share == 1.0 and cut.basis is not None:
         basis = cut.basis
     else:
-        basis = top_eigenvectors(st.cov)[1][:, :k]
+        basis = cut.eigh()[1][:, :k]
         dtype = st.cov.dtype if st.cov.dtype.is_floating_point else torch.float32
         basis = basis.to(dtype=dtype, device=st.cov.device)
     return Reduction.from_basis(site, basis, st, cfg.mode, cfg.width_surgery)
@@ -199,7 +208,7 @@ def kept_energy(cut: Cut, k: int, head_ks: list[int] | None) -> float | None:
         return kept / trace
     vals = None if cut.fit is None else np.asarray(cut.fit.eigenvalues)
     if vals is None or (len(vals) < k and not cut.fit.full_spectrum):
-        vals = torch.linalg.eigvalsh(C).flip(0).numpy()
+        vals = cut.eigh()[0].numpy()
     return float(np.clip(vals[:k], 0, None).sum()) / trace
 
 

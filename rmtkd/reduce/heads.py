@@ -87,8 +87,9 @@ def f64(t: torch.Tensor) -> torch.Tensor:
 
 def top_eigenvectors(C: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k eigenvectors (columns, float64) of the symmetric ``C``."""
-    evals, evecs = torch.linalg.eigh((f64(C) + f64(C).T) / 2)
-    return evecs[:, torch.argsort(evals, descending=True)[:k]]
+    from ..rank_rules import top_eigenvectors as eigh_descending
+
+    return eigh_descending(C)[1][:, :k]
 
 
 def head_bases(basis: torch.Tensor, num_heads: int, head_size: int, *,

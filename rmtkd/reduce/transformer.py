@@ -42,7 +42,7 @@ from .heads import (HeadPaddedLinear, HeadSelectLinear, dense_out, dense_value, 
                     head_bases, top_eigenvectors)
 from .maths import (ELEMENTWISE, PASSTHROUGH, Reduction, UnsupportedModuleError,
                     check_orthonormal, n_params, select_units, set_module, width_maps)
-from .mlp import project_linear
+from .mlp import _linear, project_linear
 
 WIDTHS_KEY = "rmtkd_blocks"
 
@@ -479,15 +479,6 @@ def apply_widths(model: nn.Module, widths: list[dict] | None = None) -> nn.Modul
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
-    layer = _empty_linear(weight.shape[1], weight.shape[0], like, bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
-
 
 def _empty_linear(n_in: int, n_out: int, like: nn.Module, bias: bool) -> nn.Linear:
     ref = like.weight if hasattr(like, "weight") else like.linear.weight
