@@ -5,8 +5,9 @@ Llama, Qwen2, Mistral) compressed one decoder block at a time in bounded memory.
 
 1. the model is read tensor by tensor (``safetensors.safe_open``); the calibration tokens
    ``[N, T]`` are embedded into a memory-mapped file ``[N, T, hidden]`` in the work dir
-   ``.<out>.work``; the last ``blockwise.heldout_tokens`` of the text are held out (never
-   calibrated on) for the perplexity budget, and their hidden states kept beside;
+   ``.<out>.work``; ``blockwise.heldout_tokens`` of the text after the calibration part
+   (spread over it, never calibrated on) are held out for the perplexity budget, and their
+   hidden states kept beside;
 2. per block i (:func:`rmtkd.engine.loop.run`): build the family's decoder layer with its
    weights; run it on the stored states -> the local teacher targets (a second memmap)
    while hooks feed one covariance accumulator per site (n = N*T tokens); fit the spectra
@@ -18,12 +19,10 @@ Llama, Qwen2, Mistral) compressed one decoder block at a time in bounded memory.
    original's (P: parameters of the blocks; the allowance grows with the share of the
    model already processed, so the budget is spread over the blocks instead of being
    spent by the first ones, and what a block leaves unused carries over to later ones).
-   Each cut is measured on the held-out slice before it is distilled; a cut over the
-   block's allowance is not distilled but cut again less deeply (``blockwise.backoff``
-   times: the share of the cut that the measured perplexity says would fit, taking log
-   perplexity as linear in the share, with a 20% margin), then the block is left uncut.
-   A cut within its allowance is distilled and measured again; the better of the two is
-   kept (distillation fits the calibration states, not always the held-out text). At the last block
+   Each cut is distilled, then measured on the held-out slice; a cut over the block's
+   allowance is cut again less deeply (``blockwise.backoff`` times: the share of the cut
+   that the measured perplexity says would fit, taking log perplexity as linear in the
+   share, with a 20% margin), then the block is left uncut. At the last block
    the measured perplexity is the final model's, so the final model is within the budget
    on the held-out slice. ``ppl_ratio=None`` switches the budget off; ``ppl_ratio=1`` is a
    zero budget: no lossy cut is kept;
@@ -146,6 +145,7 @@ PROJECT_GROUPS = {"q": ("k", "v"), "gate": ("up",)}   # Linears that read the sa
 
 class Blockwise(Strategy):
     desc, unit_name = "blocks", "block"
+    full_spectrum = True
 
     def __init__(self, src: WeightSource, seqs: torch.Tensor, held: torch.Tensor | None,
                  out: Path, cfg: CompressConfig, resume: bool) -> None:
@@ -343,7 +343,7 @@ class Blockwise(Strategy):
                                  acc_dtype=getattr(torch, self.cfg.acc_dtype))
         self.targets.flush()
         self.params_before = n_params(self.orig)
-        self.ppl = math.nan
+        self.ppl, self.next_ready = math.nan, False
         self.index, self.tried = i, []   # (share, log perplexity ratio) per attempt
 
     def calibrate(self, unit: Unit) -> dict:
@@ -463,19 +463,8 @@ class Blockwise(Strategy):
                     f"{allowed:.4f}x of the budget {self.b.ppl_ratio}")
         return None
 
-    def precheck(self, unit: Unit, recs: list[StepRecord]) -> str | None:
-        """The cut's held-out perplexity before distillation: a cut already over the
-        block's allowance is not distilled (the back-off is measured instead)."""
-        if not self.budgeted:
-            return None
-        self.ppl_cut = self._heldout_ppl(self.layer, unit.index, self.held_states)
-        self.tried.append((self.share, math.log(self.ppl_cut / self.state["current_ppl"])))
-        for r in recs:
-            r.metric_reduced = self.ppl_cut
-        return self._over_budget(self.ppl_cut)
-
     def distil(self, unit: Unit, recs: list[StepRecord]) -> str | None:
-        self.saved_cut = None
+        self.next_ready = False
         if self.cfg.distill_epochs <= 0 or self.keep_all:
             return None
         run_fn, cur = self._run(unit.index), self.files[self.state["current"]]
@@ -483,34 +472,30 @@ class Blockwise(Strategy):
         distill_layer(self.layer, run_fn, cur, self.targets, batch_size=self.b.batch_size,
                       device=self.dev, epochs=self.cfg.distill_epochs, lr=self.cfg.lr,
                       gen=self.gen)
+        # The distilled layer's outputs go straight into the next block's inputs: finish
+        # reuses them when this layer is kept (and its weights are stored unrounded).
+        nxt = self.files[self._next()]
         err = run_states(self.layer, run_fn, cur, targets=self.targets,
-                         batch_size=self.b.batch_size, device=self.dev)
+                         batch_size=self.b.batch_size, device=self.dev, out=nxt)
         if not err < self.err_cut:   # distillation did not help: keep the plain cut
             self.layer.load_state_dict(saved)
             err = self.err_cut
         else:
-            self.saved_cut = saved
+            self.next_ready = self.src.dtype() == torch.float32
         for r in recs:
             r.error_final = err
         return None
 
     def judge(self, unit: Unit, recs: list[StepRecord]) -> str | None:
-        """After distillation: the held-out perplexity, the better of the distilled and
-        the plain cut (which passed the precheck) is kept."""
+        """The held-out perplexity of the distilled cut against the block's allowance
+        (measured once per attempt, after distillation: a cut that distillation brings
+        within the allowance is kept; one it does not is cut again less deeply)."""
         if not self.budgeted:
             return None
-        self.ppl = self.ppl_cut
-        if self.saved_cut is not None:
-            ppl = self._heldout_ppl(self.layer, unit.index, self.held_states)
-            if ppl <= self.ppl_cut:
-                self.ppl = ppl
-            else:   # distillation fitted the calibration states but not the held-out text
-                self.layer.load_state_dict(self.saved_cut)
-                for r in recs:
-                    r.error_final = r.error_cut
-                    r.reason += "; distillation raised the held-out perplexity: undone"
+        self.ppl = self._heldout_ppl(self.layer, unit.index, self.held_states)
+        self.tried.append((self.share, math.log(self.ppl / self.state["current_ppl"])))
         for r in recs:
-            r.metric_after = self.ppl
+            r.metric_reduced = r.metric_after = self.ppl
         return self._over_budget(self.ppl)
 
     def accept(self, unit: Unit, recs: list[StepRecord]) -> None:
@@ -518,12 +503,14 @@ class Blockwise(Strategy):
             self.state["current_ppl"] = self.ppl
 
     def rollback(self, unit: Unit, recs: list[StepRecord]) -> None:
-        self.layer = self.orig
+        self.layer, self.next_ready = self.orig, False
+
+    def _next(self) -> str:
+        return "b" if self.state["current"] == "a" else "a"
 
     def finish(self, unit: Unit, recs: list[StepRecord]) -> None:
         i, b = unit.index, self.b
-        cur = self.state["current"]
-        nxt = "b" if cur == "a" else "a"
+        cur, nxt = self.state["current"], self._next()
         layer = self.layer
         dtype = self.src.dtype()
         stored = {k: v.to(dtype) for k, v in layer.state_dict().items()}
@@ -537,7 +524,7 @@ class Blockwise(Strategy):
         if layer is self.orig:   # uncut: its outputs are the teacher targets, bit for bit
             for a, c in chunks(self.targets.shape[0], b.batch_size):
                 self.files[nxt][a:c] = self.targets[a:c]
-        else:
+        elif not self.next_ready:   # (else written by distil from these very weights)
             run_states(layer, run_fn, self.files[cur], batch_size=b.batch_size,
                        device=self.dev, out=self.files[nxt])
         self.files[nxt].flush()
@@ -582,20 +569,26 @@ def _linear_site(layer: nn.Module, name: str):
 
 def split_tokens(seqs: torch.Tensor, cfg: CompressConfig) -> tuple[torch.Tensor,
                                                                    torch.Tensor | None]:
-    """``(calibration, held-out)`` sequences: the last ``ceil(heldout_tokens / seq_len)``
-    are held out when a budget is set."""
+    """``(calibration, held-out)`` sequences. Calibration: the first
+    ``ceil(calib_tokens / seq_len)``. Held out (with a budget): ``ceil(heldout_tokens /
+    seq_len)`` sequences spread evenly over the rest of the text, so the budget sees every
+    part of it rather than its last document; when the text is too short for both, the
+    last sequences are held out and calibration gets what precedes them."""
     b = cfg.blockwise
+    n_cal = math.ceil(b.calib_tokens / b.seq_len)
     if b.ppl_ratio is None or b.keep_all:
-        return seqs[: math.ceil(b.calib_tokens / b.seq_len)], None
+        return seqs[:n_cal], None
     n_held = max(1, math.ceil(b.heldout_tokens / b.seq_len))
     if seqs.shape[0] <= n_held:
         raise InputError(f"the text gives {seqs.shape[0]} sequences of {b.seq_len} tokens; "
                          f"the perplexity budget holds out {n_held} of them "
                          f"(heldout_tokens={b.heldout_tokens}): pass more text, or a smaller "
                          f"heldout_tokens, or no budget (ppl_ratio=None)")
-    held = seqs[-n_held:]
-    calib = seqs[:-n_held][: math.ceil(b.calib_tokens / b.seq_len)]
-    return calib, held
+    if seqs.shape[0] - n_cal < n_held:
+        return seqs[:-n_held], seqs[-n_held:]
+    rest = seqs[n_cal:]
+    idx = ((torch.arange(n_held, dtype=torch.float64) + 0.5) * rest.shape[0] / n_held).long()
+    return seqs[:n_cal], rest[idx]
 
 
 def compress_blockwise(model: Any, data: Any, *, out: str | os.PathLike,

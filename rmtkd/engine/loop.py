@@ -4,7 +4,7 @@ For each unit of a strategy (a site of the whole model, or a decoder block with 
 shallow to deep::
 
     seed (seed, step) -> prepare -> calibrate (site covariances) -> fit + choose k
-    -> [cut -> precheck -> distil -> evaluate against the budget -> accept | roll back
+    -> [cut -> distil -> evaluate against the budget -> accept | roll back
         (then, while back-offs remain, a partial cut: a share of what was cut)]
     -> finish -> checkpoint
 
@@ -15,7 +15,7 @@ order, the seeding, the records and the back-off; strategies own state.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -44,6 +44,9 @@ class Strategy:
     units: list[Unit]
     history: list[StepRecord]
     backoff: int = 0            # partial cuts tried after a rolled-back full cut
+    # The strategy reads every eigenpair of each cut (back-offs, kept energy): solver="auto"
+    # then fits with the full eigendecomposition instead of trying the randomized one first.
+    full_spectrum: bool = False
     keep_all: bool = False
     progress: bool = True
     desc: str = "compress"
@@ -80,10 +83,6 @@ class Strategy:
         """Apply the cuts at back-off ``attempt`` (the strategy chooses the share of each
         site's cut: :func:`rmtkd.engine.step.backed_off`); False when nothing was cut."""
         raise NotImplementedError
-
-    def precheck(self, unit: Unit, recs: list[StepRecord]) -> str | None:
-        """Before distilling: None to go on, or why this cut is already out of budget."""
-        return None
 
     def distil(self, unit: Unit, recs: list[StepRecord]) -> str | None:
         """Distil after the cut; a reason string when it failed (diverged)."""
@@ -125,7 +124,9 @@ def run(s: Strategy) -> None:
         s.prepare(unit)
         stats = s.calibrate(unit)
         metric, params = s.metric(), s.params()
-        cuts = [plan_cut(site, stats[site.name][0], stats[site.name][1], cfg,
+        fit_cfg = replace(cfg, solver="full") if s.full_spectrum and cfg.solver == "auto" \
+            else cfg
+        cuts = [plan_cut(site, stats[site.name][0], stats[site.name][1], fit_cfg,
                          kv_heads=unit.kv_heads.get(site.name), keep_all=s.keep_all)
                 for site in unit.sites]
         recs = [record(c, cfg.mode, params, metric, cfg.rank_rule, unit.block) for c in cuts]
@@ -135,9 +136,7 @@ def run(s: Strategy) -> None:
             for attempt in range(s.backoff + 1):
                 if not s.cut(unit, cuts, recs, attempt):
                     break
-                why = s.precheck(unit, recs)
-                if why is None:
-                    why = s.distil(unit, recs)
+                why = s.distil(unit, recs)
                 if why is None:
                     why = s.judge(unit, recs)
                 if why is None:
