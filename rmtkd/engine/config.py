@@ -23,7 +23,7 @@ ON_VIOLATION = ("skip", "stop")
 DISTIL_FROM = ("previous", "original")
 ACC_DTYPES = ("float32", "float64")
 # per strategy: (lr, distill_epochs)
-DEFAULTS = {"whole": (1e-3, 3), "blockwise": (1e-4, 2)}
+DEFAULTS = {"whole": (1e-3, 3), "blockwise": (1e-4, 1)}
 
 
 @dataclass
@@ -92,12 +92,17 @@ class CompressConfig:
     "positions" (:func:`rmtkd.capture.sites.fit_samples`).
     acc_dtype: covariance accumulation dtype, "float32" or "float64".
     task: "classification" or "embedding". alpha, temperature: of kd_loss.
-    lr, warmup_steps, distill_epochs, distill_min_steps: the distillation after each cut
-    (None: the strategy's default, whole-model 1e-3 / 3 epochs, block-wise 1e-4 / 2).
+    lr, warmup_steps, distill_epochs, distill_min_steps, distill_max_steps: the
+    distillation after each cut (lr / epochs None: the strategy's default, whole-model
+    1e-3 / 3 epochs, block-wise 1e-4 / 1; max_steps: at most this many optimizer steps
+    per cut, None: all the epochs).
     distill_features, feature_weight: fnmatch globs of modules whose outputs the student
     also matches to the teacher's (``feature_weight`` x the mean relative squared error).
     distil_from: the teacher of each step: "previous" (the model just before the step) or
     "original" (the uncompressed model).
+    teacher_cache_mb: memory (MiB) for the teacher's outputs and features per training
+    batch, computed once and reused across epochs (and across steps with
+    distil_from="original"); 0 recomputes them every time. Exact, not an approximation.
     data_parallel: under torch.distributed, "ddp" or "fsdp".
     epsilon: the whole-model budget, the largest allowed metric drop (points) against the
     original model (the block-wise budget is ``blockwise.ppl_ratio``).
@@ -126,9 +131,11 @@ class CompressConfig:
     warmup_steps: int = 20
     distill_epochs: int | None = None
     distill_min_steps: int = 200
+    distill_max_steps: int | None = None
     distill_features: list[str] | None = None
     feature_weight: float = 1.0
     distil_from: str = "previous"
+    teacher_cache_mb: int = 2048
     data_parallel: str = "ddp"
     epsilon: float = 2.0
     rho_min: float = 0.0
@@ -160,6 +167,11 @@ class CompressConfig:
             raise ValueError(f"param_target must be in (0, 1], got {self.param_target}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.distill_max_steps is not None and self.distill_max_steps < 1:
+            raise ValueError(f"distill_max_steps must be >= 1 or None, got "
+                             f"{self.distill_max_steps}")
+        if self.teacher_cache_mb < 0:
+            raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
         if (self.distill_epochs or 0) < 0 or self.warmup_steps < 0 or \
                 self.distill_min_steps < 0:
             raise ValueError("distill_epochs, distill_min_steps and warmup_steps must be >= 0")
@@ -209,5 +221,6 @@ class CompressConfig:
     def fingerprint_dict(self) -> dict:
         """The settings that change a job's result (resume checks them)."""
         d = self.to_dict()
-        d.pop("progress", None)
+        for k in ("progress", "teacher_cache_mb"):   # neither changes the result
+            d.pop(k, None)
         return d
