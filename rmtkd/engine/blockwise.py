@@ -19,12 +19,10 @@ Llama, Qwen2, Mistral) compressed one decoder block at a time in bounded memory.
    original's (P: parameters of the blocks; the allowance grows with the share of the
    model already processed, so the budget is spread over the blocks instead of being
    spent by the first ones, and what a block leaves unused carries over to later ones).
-   Each cut is distilled, then measured on the held-out slice. A block's first cut makes
-   the share of each site's rank-rule cut that the block's allowance affords at the cost
-   (log-perplexity per unit share) the last measured cut had, with a 20% margin (all of it
-   at block 0, or after a free cut); a cut over the allowance is cut again less deeply
-   (``blockwise.backoff`` times, sized from its own measured cost), then the block is left
-   uncut. At the last block
+   Each cut is distilled, then measured on the held-out slice; a cut over the block's
+   allowance is cut again less deeply (``blockwise.backoff`` times: the share of the cut
+   that the measured perplexity says would fit, taking log perplexity as linear in the
+   share, with a 20% margin), then the block is left uncut. At the last block
    the measured perplexity is the final model's, so the final model is within the budget
    on the held-out slice. ``ppl_ratio=None`` switches the budget off; ``ppl_ratio=1`` is a
    zero budget: no lossy cut is kept;
@@ -365,26 +363,20 @@ class Blockwise(Strategy):
         return n_params(self.orig)
 
     def _share(self, attempt: int) -> float | None:
-        """The share of each site's cut made at ``attempt``, from the measured cost of a cut
-        (log-perplexity taken as linear in the share, a 20% margin on what the block may
-        spend): first, from the cost per unit share of the last attempt measured (all of
-        the cut when none is known yet or it was free); then, from this block's last
-        attempt. None when no useful cut is left."""
-        if not self.budgeted:
+        """The share of each site's cut made at ``attempt``: all of it first; then, from the
+        perplexity the last attempt measured, the share that would spend what the block may
+        (log-perplexity taken as linear in the share, with a 20% margin); None when no
+        useful cut is left. (Sizing the first cut from the previous block's measured cost
+        was tried: fewer attempts, but smaller cuts, BENCHMARKS.md.)"""
+        if attempt == 0:
             return 1.0
+        share, log_ratio = self.tried[-1]
         allowed = math.log(self._allowance(self.index) * self.state["original_ppl"]
                            / self.state["current_ppl"])
-        if attempt == 0:
-            cost = self.state.get("cost")
-            if cost is None or cost <= 0:
-                return 1.0
-            new = min(1.0, 0.8 * allowed / cost)
-        else:
-            share, log_ratio = self.tried[-1]
-            if log_ratio <= 0:
-                return None
-            new = min(0.75 * share, 0.8 * share * allowed / log_ratio)
-        return new if allowed > 0 and new >= 0.05 else None
+        if allowed <= 0 or log_ratio <= 0:
+            return None
+        new = min(0.75 * share, 0.8 * share * allowed / log_ratio)
+        return new if new >= 0.05 else None
 
     def cut(self, unit: Unit, cuts: list[Cut], recs: list[StepRecord], attempt: int
             ) -> bool:
@@ -396,8 +388,7 @@ class Blockwise(Strategy):
         share = self._share(attempt)
         if share is None:
             for r in recs:
-                r.reason += ("; no cut fits in what is left of the budget" if attempt == 0
-                             else "; no smaller cut fits in what is left of the budget")
+                r.reason += "; no smaller cut fits in what is left of the budget"
             return False
         self.layer = copy.deepcopy(self.orig)
         applied = False
@@ -502,9 +493,7 @@ class Blockwise(Strategy):
         if not self.budgeted:
             return None
         self.ppl = self._heldout_ppl(self.layer, unit.index, self.held_states)
-        log_ratio = math.log(self.ppl / self.state["current_ppl"])
-        self.tried.append((self.share, log_ratio))
-        self.state["cost"] = log_ratio / self.share   # sizes the next block's first cut
+        self.tried.append((self.share, math.log(self.ppl / self.state["current_ppl"])))
         for r in recs:
             r.metric_reduced = r.metric_after = self.ppl
         return self._over_budget(self.ppl)

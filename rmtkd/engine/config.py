@@ -23,7 +23,7 @@ ON_VIOLATION = ("skip", "stop")
 DISTIL_FROM = ("previous", "original")
 ACC_DTYPES = ("float32", "float64")
 # per strategy: (lr, distill_epochs)
-DEFAULTS = {"whole": (1e-3, 3), "blockwise": (1e-4, 1)}
+DEFAULTS = {"whole": (1e-3, 3), "blockwise": (1e-4, 2)}
 
 
 @dataclass
@@ -94,7 +94,7 @@ class CompressConfig:
     task: "classification" or "embedding". alpha, temperature: of kd_loss.
     lr, warmup_steps, distill_epochs, distill_min_steps, distill_max_steps: the
     distillation after each cut (lr / epochs None: the strategy's default, whole-model
-    1e-3 / 3 epochs, block-wise 1e-4 / 1; max_steps: at most this many optimizer steps
+    1e-3 / 3 epochs, block-wise 1e-4 / 2; max_steps: at most this many optimizer steps
     per cut, None: all the epochs).
     distill_features, feature_weight: fnmatch globs of modules whose outputs the student
     also matches to the teacher's (``feature_weight`` x the mean relative squared error).

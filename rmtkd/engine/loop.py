@@ -44,9 +44,6 @@ class Strategy:
     units: list[Unit]
     history: list[StepRecord]
     backoff: int = 0            # partial cuts tried after a rolled-back full cut
-    # The strategy reads every eigenpair of each cut (back-offs, kept energy): solver="auto"
-    # then fits with the full eigendecomposition instead of trying the randomized one first.
-    full_spectrum: bool = False
     keep_all: bool = False
     progress: bool = True
     desc: str = "compress"
@@ -124,8 +121,9 @@ def run(s: Strategy) -> None:
         s.prepare(unit)
         stats = s.calibrate(unit)
         metric, params = s.metric(), s.params()
-        fit_cfg = replace(cfg, solver="full") if s.full_spectrum and cfg.solver == "auto" \
-            else cfg
+        # A step reads every eigenpair of its cuts (kept energy, back-offs): solver="auto"
+        # fits with the full eigendecomposition rather than trying the randomized one first.
+        fit_cfg = replace(cfg, solver="full") if cfg.solver == "auto" else cfg
         cuts = [plan_cut(site, stats[site.name][0], stats[site.name][1], fit_cfg,
                          kv_heads=unit.kv_heads.get(site.name), keep_all=s.keep_all)
                 for site in unit.sites]
