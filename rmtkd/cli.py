@@ -2,7 +2,10 @@
 
     rmtkd analyze --example digits-mlp [--out DIR]
     rmtkd analyze --model model.pt --data data.npy [--out DIR] [--sites 'blocks.*.fc2']
-    rmtkd compress --example digits-mlp|mnist-cnn|minilm [--mode width|project] [--out DIR]
+    rmtkd compress --model HF_DIR --data FILE.csv|.tsv|.jsonl|.json|.txt|DATASET_DIR
+                   [--eval-data F] [--test-data F] [--text-column C] [--label-column C]
+                   [--max-length N] [--onnx] [--out DIR]
+    rmtkd compress --example digits-mlp|mnist-cnn|minilm|rotten-tomatoes [--out DIR]
     rmtkd compress --model model.pt --data data.pt [--config job.toml] [--out DIR] [--resume]
     rmtkd compress-llm --model HF_DIR --text FILE --out DIR [--ppl-ratio 1.10] [--resume]
     rmtkd compress-llm --example smollm2 [--out DIR]
@@ -98,16 +101,44 @@ def build_parser() -> argparse.ArgumentParser:
     job = c.add_mutually_exclusive_group()
     job.add_argument("--example", metavar="NAME",
                      help="a built-in example, offline: digits-mlp, mnist-cnn (teachers "
-                     "trained here), minilm (pretrained all-MiniLM-L6-v2, task embedding)")
+                     "trained here), minilm (pretrained all-MiniLM-L6-v2, task embedding), "
+                     "rotten-tomatoes (a MiniLM sentiment classifier fine-tuned here, then "
+                     "compressed as --model DIR --data FILE.csv)")
     job.add_argument("--model", metavar="PATH", type=Path,
-                     help="a module saved with torch.save(model, FILE), or a directory "
-                     "written by rmtkd.save; needs --data")
+                     help="a Hugging Face save_pretrained directory with its tokenizer "
+                     "(sequence classifier, sentence encoder or causal LM: the task follows "
+                     "from its class), a directory written by rmtkd.save, or a module saved "
+                     "with torch.save(model, FILE); needs --data")
     c.add_argument("--data", metavar="DATA",
-                   help="labelled data: a .pt file holding a dict with 'train' (required), "
-                   "'val', 'test' and 'calib' (optional), each an (inputs, labels) tuple of "
-                   "tensors, a dict of tensors (model keyword arguments, e.g. input_ids, "
-                   "attention_mask, labels) or an inputs tensor (task embedding); or "
-                   "'module:function' returning such a dict (values may be DataLoaders)")
+                   help="with a Hugging Face --model: text data, .csv, .tsv, .jsonl, .json "
+                   "(records), .txt (one text per line, unlabelled) or a datasets "
+                   "save_to_disk directory (see --text-column, --label-column). Otherwise: "
+                   "a .pt file holding a dict with 'train' (required), 'val', 'test' and "
+                   "'calib' (optional), each an (inputs, labels) tuple of tensors, a dict of "
+                   "tensors (model keyword arguments, e.g. input_ids, attention_mask, "
+                   "labels) or an inputs tensor (task embedding); or 'module:function' "
+                   "returning such a dict (values may be DataLoaders)")
+    from .hf.data import VAL_FRACTION
+
+    t = c.add_argument_group("text data (with a Hugging Face --model)")
+    t.add_argument("--eval-data", metavar="FILE",
+                   help="validation texts (they decide the roll-backs); default: a seeded "
+                   f"{VAL_FRACTION:.0%} of --data")
+    t.add_argument("--test-data", metavar="FILE",
+                   help="test texts (reported only); default: another seeded "
+                   f"{VAL_FRACTION:.0%} of --data")
+    t.add_argument("--text-column", default="text", metavar="COL[,COL2]",
+                   help="the text column (default text); two for sentence pairs, e.g. "
+                   "premise,hypothesis")
+    t.add_argument("--label-column", default="label", metavar="COL",
+                   help="the label column (default label); names are mapped through the "
+                   "model's config.label2id, or numbered in sorted order and stored in the "
+                   "output's config")
+    t.add_argument("--max-length", type=int, metavar="N",
+                   help="tokens per text (default: the model's, at most 128)")
+    t.add_argument("--onnx", action="store_true",
+                   help="also write model/model.onnx (dynamic batch and sequence axes; "
+                   "checked against torch with ONNX Runtime) and report its latency")
     c.add_argument("--config", metavar="TOML", type=Path,
                    help="job file: top-level model, data, out, batch_size and a [compress] "
                    "table of rmtkd.CompressConfig fields; command-line options win")
@@ -119,9 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epsilon", type=float,
                    help="largest metric drop in points against the original model before "
                    f"a step is rolled back (default {CompressConfig.epsilon})")
-    c.add_argument("--task", choices=("classification", "embedding"),
-                   help="classification (logits and labels) or embedding (match the "
-                   "original outputs); default classification, embedding for minilm")
+    c.add_argument("--task", choices=("classification", "embedding", "lm"),
+                   help="classification (logits and labels), embedding (match the original "
+                   "outputs) or lm (causal LM, block-wise as compress-llm); default: from "
+                   "a Hugging Face model's class, else classification (embedding for "
+                   "minilm)")
     c.add_argument("--estimator", choices=("auto", *ESTIMATORS),
                    help="noise-level estimator (default: auto)")
     c.add_argument("--margin", type=_margin,
@@ -535,6 +568,16 @@ def _compress_job(args: argparse.Namespace) -> int:
         raise UsageError("--data goes with --model, not with --example")
     if model_path is not None and data_spec is None:
         raise UsageError("--model needs --data (the labelled training data)")
+    from .hf.model import is_hf_dir
+
+    if args.example == "rotten-tomatoes" or (model_path is not None
+                                             and is_hf_dir(Path(model_path))):
+        return _hf_compress_job(args, job, model_path, data_spec)
+    hf_only = [f for f, v in (("--eval-data", args.eval_data), ("--test-data", args.test_data),
+                              ("--max-length", args.max_length), ("--onnx", args.onnx)) if v]
+    if hf_only:
+        raise UsageError(f"{', '.join(hf_only)} go with a Hugging Face --model directory "
+                         f"and text data")
     seed = args.seed if args.seed is not None else job.get("compress", {}).get("seed", 0)
     torch.manual_seed(seed)
     stem = args.example if args.example is not None else Path(model_path).stem
@@ -569,6 +612,10 @@ def _compress_job(args: argparse.Namespace) -> int:
         model = load_model(Path(model_path))
         batch = args.batch_size or job.get("batch_size", 64)
         splits = load_splits(str(data_spec), batch)
+        from .hf.data import check_finite_tensors
+
+        for name, split in splits.items():
+            check_finite_tensors(split, f"--data {data_spec} [{name!r}]")
         meta = {"model": str(model_path), "data": str(data_spec), "batch_size": batch}
         with dist.all_or_none("removing the old checkpoint"):   # rank 0; the others wait
             if ckpt.exists() and not args.resume and dist.is_main():
@@ -590,10 +637,67 @@ def _compress_job(args: argparse.Namespace) -> int:
                             seconds)
 
 
+def _hf_compress_job(args: argparse.Namespace, job: dict, model_path: Any,
+                     data_spec: Any) -> int:
+    """``rmtkd compress --model HF_DIR --data FILE`` (and ``--example rotten-tomatoes``,
+    which makes its teacher and CSV files, then runs the same job): text splits tokenised
+    with the model's tokenizer, :data:`rmtkd.hf.job.TASK_DEFAULTS` for its task, the
+    report with the model in a directory that transformers loads (tokenizer included)."""
+    import shutil
+    import time
+
+    from .engine import compress
+    from .hf.job import TASK_DEFAULTS, resolve_defaults, text_job
+    from .hf.model import architecture, infer_task
+
+    seed = args.seed if args.seed is not None else job.get("compress", {}).get("seed", 0)
+    eval_data, test_data = args.eval_data, args.test_data
+    if args.example is not None:
+        from .examples import rotten_tomatoes
+
+        model_path = rotten_tomatoes.teacher_dir(progress=not args.quiet)
+        files = rotten_tomatoes.data_files(model_path)
+        data_spec, eval_data, test_data = files["train"], files["validation"], files["test"]
+    model_path = Path(model_path)
+    task = args.task or infer_task(architecture(model_path), model_path)
+    if task == "lm":   # the block-wise strategy, as rmtkd compress-llm runs it
+        argv = ["compress-llm", "--model", str(model_path), "--text", str(data_spec)]
+        if args.out is not None:
+            argv += ["--out", str(args.out)]
+        argv += ["--force"] * args.force + ["--quiet"] * args.quiet + \
+            ["--resume"] * args.resume
+        return _run_compress_llm(build_parser().parse_args(argv))
+    torch.manual_seed(seed)
+    stem = args.example or model_path.name
+    out = Path(args.out or job.get("out") or Path("reports") / f"{stem}-compress")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    ckpt = _checkpoint_dir(out)
+    tj = text_job(model_path, data_spec, eval_data=eval_data, test_data=test_data,
+                  text_columns=tuple(c.strip() for c in args.text_column.split(",")),
+                  label_column=args.label_column, max_length=args.max_length,
+                  batch_size=args.batch_size or job.get("batch_size", 32), task=task,
+                  seed=seed)
+    model, splits = tj.hf.model, tj.splits
+    config = _compress_config(args, job, resolve_defaults(TASK_DEFAULTS[task], model))
+    if ckpt.exists() and not args.resume:
+        shutil.rmtree(ckpt)
+    t0 = time.perf_counter()
+    result = compress(model, splits["train"], eval_data=splits["val"], config=config,
+                      checkpoint_dir=ckpt / "steps", resume=args.resume)
+    seconds = time.perf_counter() - t0
+    return _report_compress(args, model, result, splits, splits["val"], splits["test"],
+                            config, tj.meta, out, ckpt, seconds, tokenizer_dir=model_path,
+                            onnx=args.onnx)
+
+
 def _report_compress(args: argparse.Namespace, model: torch.nn.Module, result: Any,
                      splits: dict, val: Any, test: Any, config: Any, meta: dict, out: Path,
-                     ckpt: Path, seconds: float) -> int:
-    """Evaluate on the test split, write the report directory, print the summary."""
+                     ckpt: Path, seconds: float, tokenizer_dir: Path | None = None,
+                     onnx: bool = False) -> int:
+    """Evaluate on the test split, write the report directory, print the summary. onnx:
+    export both models, check ONNX Runtime against torch on the test split, add the
+    latency table (torch and ONNX Runtime, batch 1 and 32) and ``model/model.onnx``."""
     import shutil
 
     from .engine import evaluate
@@ -615,7 +719,23 @@ def _report_compress(args: argparse.Namespace, model: torch.nn.Module, result: A
     meta.update(config={k: v for k, v in config.to_dict().items() if k != "progress"},
                 threads=torch.get_num_threads(), cpu=_cpu_name())
     summary = _summary(model, result, test, test_before, test_after, seconds)
-    path = write_compress_report(out, result, meta=meta, summary=summary, force=args.force)
+    if tokenizer_dir is not None:   # a Hugging Face model: transformers loads the output
+        auto = "AutoModelForSequenceClassification" if config.task == "classification" \
+            else "AutoModel (the encoder; mean pooling and L2 norm on top)"
+        summary["table"]["load without rmtkd"] = (
+            f"transformers.{auto}.from_pretrained('{out / 'model'}', trust_remote_code=True)")
+    extra_files = {}
+    with _tempdir() as tmp:
+        if onnx:
+            from .hf.onnx import onnx_report
+
+            graph, table = onnx_report(model, result.model, test, Path(tmp))
+            summary["onnx"] = table
+            summary["table"].update(table.get("lines", {}))
+            extra_files["model/model.onnx"] = graph
+        path = write_compress_report(out, result, meta=meta, summary=summary,
+                                     force=args.force, extra_files=extra_files,
+                                     tokenizer_dir=tokenizer_dir)
     shutil.rmtree(ckpt, ignore_errors=True)   # the job is complete
     if not args.quiet:
         print(format_history(result.history))
@@ -624,6 +744,12 @@ def _report_compress(args: argparse.Namespace, model: torch.nn.Module, result: A
         print(f"{k}: {v}")
     print(f"report: {path / 'index.md'}")
     return 0
+
+
+def _tempdir() -> Any:
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="rmtkd-")
 
 
 def _cpu_name() -> str:
@@ -649,6 +775,8 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
     example = first_sample(test)
     lat_before, lat_after, rounds = latency_pair(model, result.model, example)
     shape = input_shape(example)
+    from .adapters import block_modules
+
     table = {
         "parameters": f"{result.original_params:,} -> {result.final_params:,} "
                       f"({100 * result.reduction:.1f}% fewer)",
@@ -662,6 +790,11 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
             f"{r.site} {r.status}" for r in result.history),
         "compression time": f"{seconds:.1f} s",
     }
+    blocks = [sum(p.numel() for _, b in block_modules(m) for p in b.parameters())
+              for m in (model, result.model)]
+    if blocks[0]:
+        table["parameters in the transformer blocks"] = (
+            f"{blocks[0]:,} -> {blocks[1]:,} ({100 * (1 - blocks[1] / blocks[0]):.1f}% fewer)")
     return {"table": table, "original_params": result.original_params,
             "final_params": result.final_params, "reduction": result.reduction,
             "test_metric_before": before, "test_metric_after": after,
@@ -669,7 +802,8 @@ def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, afte
             "val_metric_after": result.final_metric, "bytes_before": saved_size(model),
             "latency_ms_before": lat_before,
             "latency_ms_after": lat_after, "latency_input_shape": shape,
-            "latency_rounds_ms": rounds,
+            "latency_rounds_ms": rounds, "block_params_before": blocks[0],
+            "block_params_after": blocks[1],
             "seconds": seconds}
 
 

@@ -6,11 +6,10 @@ it (``ProjectedLinear.from_linear(linear, U)``, U the spike directions of the in
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from .hf.modeling_rmtkd import ProjectedLinear as _PlainProjectedLinear
 from .ops.dispatch import _REGISTRY, BACKENDS
 from .ops.projected_linear import projected_linear
 
@@ -36,8 +35,12 @@ def _check_backend(backend: str | None) -> str:
     return name
 
 
-class ProjectedLinear(nn.Module):
+class ProjectedLinear(_PlainProjectedLinear):
     """``y = (x @ V) @ W.T + bias``: a rank-``rank`` linear map through the columns of ``V``.
+
+    The parameters, their initialisation and the state dict are those of the plain-torch
+    :class:`rmtkd.hf.modeling_rmtkd.ProjectedLinear` (which a saved Hugging Face model
+    uses without rmtkd); this class adds the argument checks and the kernel dispatch.
 
     Args:
         in_features: d_in, the size of the last dim of the input.
@@ -60,35 +63,15 @@ class ProjectedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  backend: str | None = "auto", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.in_features = _positive_int("in_features", in_features)
-        self.out_features = _positive_int("out_features", out_features)
-        self.rank = _positive_int("rank", rank)
+        _positive_int("in_features", in_features)
+        _positive_int("out_features", out_features)
+        _positive_int("rank", rank)
         if rank > in_features:
             raise ValueError(f"ProjectedLinear: rank must be <= in_features (V has orthonormal "
                              f"columns); got rank={rank}, in_features={in_features}")
-        self.backend = _check_backend(backend)
-        kw = {"device": device, "dtype": dtype}
-        self.V = nn.Parameter(torch.empty(in_features, rank, **kw))
-        self.W = nn.Parameter(torch.empty(out_features, rank, **kw))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **kw))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """V: orthonormal columns (QR of a Gaussian, in fp32); W and bias as nn.Linear would
-        initialise a (out_features x rank) layer."""
-        with torch.no_grad():
-            g = torch.randn(self.in_features, self.rank, dtype=torch.float32,
-                            device=self.V.device)
-            q, r = torch.linalg.qr(g)
-            self.V.copy_(q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0))  # Haar-uniform
-        nn.init.kaiming_uniform_(self.W, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.rank)
-            nn.init.uniform_(self.bias, -bound, bound)
+        backend = _check_backend(backend)
+        super().__init__(in_features, out_features, rank, bias, device=device, dtype=dtype)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:

@@ -305,14 +305,18 @@ def format_history(history: list[Any], markdown: bool = False) -> str:
 
 
 def write_compress_report(out_dir: Any, result: Any, *, meta: dict,
-                          summary: dict, force: bool = False) -> Any:
+                          summary: dict, force: bool = False,
+                          extra_files: dict[str, Any] | None = None,
+                          tokenizer_dir: Any = None) -> Any:
     """Write report.json, index.md, one spectrum PNG per step and the compressed model
     (``model/``, the :func:`rmtkd.save` format; ``model.pt``, a pickled module, where that
     format cannot describe it) into ``out_dir``, atomically (a temporary sibling renamed at
     the end). ``summary["table"]`` (optional) is a dict of printable lines; the size on disk
     of the saved model is added to ``summary`` (``bytes_after``, and the table line when
-    ``summary["bytes_before"]`` is set). Raises FileExistsError when ``out_dir`` exists and
-    ``force`` is False."""
+    ``summary["bytes_before"]`` is set). ``extra_files``: ``{path in out_dir: source file}``
+    copied in as well (e.g. an ONNX graph); ``tokenizer_dir``: whose tokenizer files go
+    into ``model/`` (:func:`rmtkd.save`). Raises
+    FileExistsError when ``out_dir`` exists and ``force`` is False."""
     import json
     from pathlib import Path
 
@@ -325,7 +329,7 @@ def write_compress_report(out_dir: Any, result: Any, *, meta: dict,
         from .saving import UnsupportedModelError, save
 
         try:
-            saved = save(result, tmp / "model")
+            saved = save(result, tmp / "model", tokenizer_dir=tokenizer_dir)
             summary["bytes_after"] = _dir_bytes(saved)
             how = ("`model/` holds the compressed model in the rmtkd.save format (safetensors "
                    "+ plan.json): `rmtkd.load('model')` rebuilds it without the original "
@@ -335,6 +339,11 @@ def write_compress_report(out_dir: Any, result: Any, *, meta: dict,
             summary["bytes_after"] = None
             how = (f"`model.pt` holds the pickled compressed module (torch.load; its classes "
                    f"must be importable): rmtkd.save cannot describe it ({e}).")
+        import shutil
+
+        for rel, src in (extra_files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / rel)
         if summary.get("bytes_before") is not None and summary["bytes_after"] is not None:
             summary.setdefault("table", {})["size on disk (rmtkd.save)"] = (
                 f"{summary['bytes_before'] / 2**20:.2f} MiB -> "

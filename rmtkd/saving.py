@@ -33,10 +33,19 @@ Llama / Qwen2 / Mistral decoders; format ``"rmtkd-hf"``, detected by duck typing
 - ``config.json``: ``model.config.to_dict()`` after :func:`rmtkd.reduce.record_widths` (so it
   carries ``rmtkd_blocks``: per block the MLP inner width, the kept value dims per key-value
   head, the ProjectedLinear ranks and which projections have a bias), ``architectures`` =
-  [class name] and ``dtype`` of the weights;
+  [class name], ``dtype`` of the weights, ``rmtkd_layout`` (the block paths and per block
+  the relative paths of its projections, from the adapter:
+  :meth:`rmtkd.adapters.TransformerAdapter.layout_record`) and ``auto_map`` (the
+  transformers Auto classes that build the saved class, e.g. ``AutoModelForCausalLM`` ->
+  ``modeling_rmtkd.RmtkdLlamaForCausalLM``); ``model_type`` is unchanged, so ``AutoConfig``
+  gives the stock config class;
+- ``modeling_rmtkd.py``: :mod:`rmtkd.hf.modeling_rmtkd` verbatim (torch + transformers only),
+  so ``transformers.AutoModel*.from_pretrained(path, trust_remote_code=True)`` rebuilds the
+  reduced model in a process without rmtkd;
 - ``model.safetensors``: as above (aliases / tied weights stored once);
 - ``plan.json``: ``format`` "rmtkd-hf", ``hf_class``, ``dtype``, ``sha256`` of the weights,
-  ``aliases``, ``frozen``, ``reductions`` / ``history`` as above.
+  ``aliases``, ``frozen``, ``reductions`` / ``history`` as above;
+- with ``save(..., tokenizer_dir=...)``, the tokenizer files of that directory.
 
 :func:`load` rebuilds the config (``config_class.from_dict``), instantiates
 ``transformers.<hf_class>(config)``, reshapes it with :func:`rmtkd.reduce.apply_widths`
@@ -60,6 +69,7 @@ from torch import nn
 
 from .adapters import hf_classes
 from .files import atomic_directory, hash_file, json_default
+from .hf.modeling_rmtkd import LAYOUT_KEY
 
 FORMAT = "rmtkd-model"
 HF_FORMAT = "rmtkd-hf"
@@ -246,7 +256,7 @@ def build_from_spec(spec: dict) -> nn.Module:
         if kind == "hf":   # a Hugging Face model nested in a wrapper (architecture_spec)
             dtype = getattr(torch, str(s.get("dtype")), None) if s.get("dtype") else None
             try:
-                m = hf_build(_hf_class(s.get("hf_class")), s.get("config") or {},
+                m = hf_build(hf_class(s.get("hf_class")), s.get("config") or {},
                               dtype if isinstance(dtype, torch.dtype) else None)
             except (ValueError, TypeError, KeyError) as e:
                 raise CorruptModelError(f"plan.json: cannot rebuild {s.get('hf_class')} at "
@@ -333,30 +343,44 @@ def write_model_dir(tmp: Path, model: nn.Module, extras: dict | None = None) -> 
         os.fsync(f.fileno())
 
 
-def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False,
+         tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Save a :class:`rmtkd.CompressionResult` (its model, plan and history) or an
-    ``nn.Module`` to the directory ``path`` (``model.safetensors`` + ``plan.json``).
+    ``nn.Module`` to the directory ``path`` (``model.safetensors`` + ``plan.json``; for a
+    Hugging Face model also ``config.json`` and ``modeling_rmtkd.py``, so that
+    ``transformers`` loads it with ``trust_remote_code=True``, see the module docstring).
 
     Written atomically: into a temporary sibling directory, renamed to ``path`` at the end.
+    ``tokenizer_dir``: a directory whose tokenizer files (and ``generation_config.json``)
+    are copied in too (:func:`rmtkd.hf.export.copy_tokenizer`).
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileNotFoundError: ``tokenizer_dir`` is not a directory holding tokenizer files.
         UnsupportedModelError: a module that :func:`load` could not rebuild (the message
             lists what is supported), or a Hugging Face model class outside
             :data:`HF_ARCHITECTURES`.
     """
-    model, extras = _plan_extras(obj)
+    from .hf.export import check_tokenizer_dir, copy_tokenizer
+
+    model, plan_extras = _plan_extras(obj)
     out = Path(path)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    if tokenizer_dir is not None:
+        check_tokenizer_dir(tokenizer_dir)
     if is_hf_model(model):
         config = _hf_check(model)   # fail before creating anything
         with atomic_directory(out) as tmp:
-            _write_hf_dir(tmp, model, config, extras)
+            _write_hf_dir(tmp, model, config, plan_extras)
+            if tokenizer_dir is not None:
+                copy_tokenizer(tokenizer_dir, tmp)
         return out
     architecture_spec(model)   # fail before creating anything
     with atomic_directory(out) as tmp:
-        write_model_dir(tmp, model, extras)
+        write_model_dir(tmp, model, plan_extras)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
     return out
 
 
@@ -405,7 +429,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     p = Path(path)
     plan = read_plan(p)
     if plan.get("format") == HF_FORMAT:
-        _hf_class(plan.get("hf_class"))   # unknown class: fail before reading the weights
+        hf_class(plan.get("hf_class"))   # unknown class: fail before reading the weights
     weights = p / WEIGHTS
     if not weights.is_file():
         raise CorruptModelError(f"{p} has no {WEIGHTS}: the directory is incomplete")
@@ -451,7 +475,7 @@ def _hf_supported_text() -> str:
             f"transformers): {', '.join(HF_ARCHITECTURES)}")
 
 
-def _hf_class(name: Any) -> type:
+def hf_class(name: Any) -> type:
     """The ``transformers`` class called ``name`` (must be in :data:`HF_ARCHITECTURES`)."""
     if name not in HF_ARCHITECTURES:
         raise UnsupportedModelError(f"Hugging Face model class {name!r} is not supported. "
@@ -482,6 +506,9 @@ def _hf_config_dict(model: nn.Module) -> dict:
     dtype = _float_dtype(model)
     if dtype is not None:
         cfg["dtype"] = str(dtype).removeprefix("torch.")
+    from .hf.export import remote_code_config
+
+    cfg.update(remote_code_config(model))   # rmtkd_layout, auto_map (trust_remote_code)
     return cfg
 
 
@@ -504,7 +531,7 @@ def _hf_check(model: nn.Module) -> dict:
     """Check that ``model`` can be rebuilt from its config (class allowed, every module type
     and tensor shape reproduced); return the config dict to write."""
     name = type(model).__name__
-    cls = _hf_class(name)
+    cls = hf_class(name)
     if type(model) is not cls:
         raise UnsupportedModelError(
             f"{type(model).__module__}.{type(model).__qualname__} is not transformers."
@@ -540,6 +567,14 @@ def _hf_check(model: nn.Module) -> dict:
             f"rmtkd.reduce's transformer cuts (MLP inner width, value dims per key-value "
             f"head, ProjectedLinear projections, added biases). "
             f"{_hf_supported_text()}")
+    from .hf.export import remote_code_config
+
+    # transformers (trust_remote_code) rebuilds from the recorded layout, load from the
+    # adapter's view of the fresh model: both must name the same blocks
+    if remote_code_config(ref).get(LAYOUT_KEY) != cfg.get(LAYOUT_KEY):
+        raise UnsupportedModelError(
+            f"{name}: the block layout of the model differs from that of the model rebuilt "
+            f"from its config, so transformers could not rebuild it. {_hf_supported_text()}")
     return cfg
 
 
@@ -547,6 +582,10 @@ def _write_hf_dir(tmp: Path, model: nn.Module, cfg: dict, extras: dict | None) -
     from safetensors.torch import save_file
 
     from . import __version__
+    from .hf.export import write_modeling_file
+
+    if LAYOUT_KEY in cfg:
+        write_modeling_file(tmp)
 
     tensors, aliases = _tensors(model)
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": HF_FORMAT})
@@ -564,7 +603,7 @@ def _write_hf_dir(tmp: Path, model: nn.Module, cfg: dict, extras: dict | None) -
 
 def _load_hf(p: Path, plan: dict, state: dict[str, torch.Tensor],
              map_location: str | torch.device) -> nn.Module:
-    cls = _hf_class(plan.get("hf_class"))
+    cls = hf_class(plan.get("hf_class"))
     try:
         cfg = json.loads((p / HF_CONFIG).read_text())
     except FileNotFoundError as e:

@@ -52,3 +52,66 @@ def test_embedding_loss():
         float((4 * t ** 2).mean()) + 1.0, rel=1e-5)
     with pytest.raises(ValueError, match="same shape"):
         embedding_loss(t, torch.randn(8, 4))
+
+
+def test_teacher_cache_gives_the_same_training_and_skips_teacher_forwards():
+    """Distillation with the teacher's outputs and features cached is bitwise the same as
+    recomputing them, and the teacher runs once per batch instead of once per epoch."""
+    import copy
+
+    from torch import nn
+
+    from rmtkd.distill import TeacherCache, distill
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    student0 = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(5)]
+    calls = {"n": 0}
+    teacher.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    runs = {}
+    for name, cache in (("plain", None), ("cached", TeacherCache(2**20))):
+        torch.manual_seed(1)
+        student = copy.deepcopy(student0)
+        calls["n"] = 0
+        distill(student, teacher, batches, epochs=3, lr=1e-2, warmup_steps=2,
+                progress=False, features=["1"], teacher_cache=cache)
+        runs[name] = (student, calls["n"], cache)
+    for a, b in zip(runs["plain"][0].parameters(), runs["cached"][0].parameters()):
+        assert torch.equal(a, b)
+    assert runs["plain"][1] == 15 and runs["cached"][1] == 5
+    cache = runs["cached"][2]
+    assert (cache.hits, cache.misses) == (10, 5)
+    # a full cache stores nothing more (the teacher runs again) but stays exact
+    small = TeacherCache(1)
+    student = copy.deepcopy(student0)
+    calls["n"] = 0
+    torch.manual_seed(1)
+    distill(student, teacher, batches, epochs=3, lr=1e-2, warmup_steps=2, progress=False,
+            features=["1"], teacher_cache=small)
+    assert calls["n"] == 15 and small.entries == {}
+    for a, b in zip(runs["plain"][0].parameters(), student.parameters()):
+        assert torch.equal(a, b)
+    # another teacher empties it
+    cache.bind(copy.deepcopy(teacher))
+    assert cache.entries == {} and cache.bytes == 0
+
+
+def test_max_steps_stops_training_and_ends_the_schedule_there():
+    from torch import nn
+
+    from rmtkd.distill import distill
+
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3).eval()
+    student = nn.Linear(4, 3)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(10)]
+    seen = []
+    student.register_forward_pre_hook(lambda m, a: seen.append(a[0].data_ptr()))
+    info = distill(student, teacher, batches, epochs=3, lr=1e-2, warmup_steps=0,
+                   progress=False, max_steps=13)
+    assert info["steps"] == 13 and info["epochs"] == 2 and len(seen) == 13
+    assert seen[:10] == [b[0].data_ptr() for b in batches] and \
+        seen[10:] == [b[0].data_ptr() for b in batches[:3]]
+    with pytest.raises(ValueError, match="max_steps"):
+        distill(student, teacher, batches, epochs=1, progress=False, max_steps=0)

@@ -92,7 +92,7 @@ def test_reduced_sequence_classifier_round_trip(tmp_path):
     ref = outputs(model)
     rmtkd.save(model, tmp_path / "m")
     assert {f.name for f in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors",
-                                                            "plan.json"}
+                                                            "plan.json", "modeling_rmtkd.py"}
     plan = read_plan(tmp_path / "m")
     assert plan["format"] == "rmtkd-hf" and plan["hf_class"] == "BertForSequenceClassification"
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())

@@ -38,6 +38,10 @@ class Layout:
     embeddings: str | None = None   # relative to the model that holds the blocks' list
     final_norm: str | None = None
     head: str | None = None
+    #: integer attributes (relative to the block) that hold the MLP inner width and follow
+    #: it when it is cut; None: ``intermediate_size`` of the module holding the consumer,
+    #: where that is an int
+    mlp_width_attrs: tuple[str, ...] | None = None
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -114,6 +118,46 @@ class TransformerAdapter:
         return ModelStructure(L.family, blocks, find(L.embeddings), find(L.final_norm),
                               find(L.head))
 
+    def mlp_width_attrs(self, block: nn.Module) -> tuple[str, ...]:
+        """The integer attributes of ``block`` (relative paths) that hold its MLP inner
+        width, to be updated when the width is cut (see :attr:`Layout.mlp_width_attrs`)."""
+        L = self.layout
+        if L.mlp_width_attrs is not None:
+            cands: tuple[str, ...] = L.mlp_width_attrs
+        else:
+            owner = L.mlp_consumer.rpartition(".")[0]
+            cands = (f"{owner}.intermediate_size" if owner else "intermediate_size",)
+        return tuple(a for a in cands if isinstance(get(block, a), int)
+                     and not isinstance(get(block, a), bool))
+
+    def layout_record(self, model: nn.Module) -> dict:
+        """A JSON-able record of where the blocks of ``model`` are and what they hold, for
+        :func:`rmtkd.hf.modeling_rmtkd.reshape` (which walks a model with these strings
+        only, without rmtkd): ``{"format": "rmtkd-layout", "version", "family",
+        "container"`` (the module holding the blocks as ``<container>.<i>``, or None)
+        ``, "blocks": [...]}``, per block ``{"path"`` (its module name), ``"q", "k", "v",
+        "o", "heads", "kv_heads", "head_dim", "group", "mlp_producers", "mlp_consumer",
+        "linears"`` (relative paths of every projection) ``, "mlp_width_attrs"}``."""
+        from ..hf.modeling_rmtkd import LAYOUT_FORMAT, LAYOUT_VERSION
+
+        mods = self.block_modules(model)
+        blocks = []
+        for i, (name, block) in enumerate(mods):
+            spec = self.block_spec(block, name, i)
+            a, m = spec.attention, spec.mlp
+            blocks.append({"path": name, "q": a.q, "k": a.k, "v": a.v, "o": a.o,
+                           "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
+                           "group": a.group, "mlp_producers": list(m.producers),
+                           "mlp_consumer": m.consumer, "linears": list(spec.linears),
+                           "mlp_width_attrs": list(self.mlp_width_attrs(block))})
+        prefixes = {n.rpartition(".")[0] for n, _ in mods}
+        container = prefixes.pop() if len(prefixes) == 1 else None
+        if container is not None and [n.rpartition(".")[2] for n, _ in mods] != \
+                [str(i) for i in range(len(mods))]:
+            container = None
+        return {"format": LAYOUT_FORMAT, "version": LAYOUT_VERSION,
+                "family": self.layout.family, "container": container, "blocks": blocks}
+
     def value_norm(self, block: nn.Module) -> bool:
         return self.layout.value_norm is not None and isinstance(
             get(block, self.layout.value_norm), nn.Module)
@@ -150,20 +194,26 @@ class TransformerAdapter:
 
     def select_dims(self, model: nn.Module, include: Sequence[str] | None
                     ) -> list[CoupledDim]:
-        """The coupled dims whose capture module matches a glob of ``include`` (all when
-        None). Raises ValueError for a pattern that matches none (listing the sites)."""
+        """The coupled dims that a pattern of ``include`` names (all when None): a kind
+        ("mlp_width", "value_width": every block's) or a glob of the capture module's name.
+        Raises ValueError for a pattern that matches none (listing the sites)."""
         dims = self.coupled_dims(model)
         if include is None:
             return dims
         patterns = [include] if isinstance(include, str) else list(include)
+
+        def hit(d: CoupledDim, p: str) -> bool:
+            return p == d.kind or fnmatch.fnmatchcase(d.capture, p)
+
         for p in patterns:
-            if not any(fnmatch.fnmatchcase(d.capture, p) for d in dims):
+            if not any(hit(d, p) for d in dims):
                 names = ", ".join(d.capture for d in dims[:4])
                 raise ValueError(
                     f"site pattern {p!r} matches no reducible dimension of this "
                     f"{self.layout.family} model; its sites are the value width and the MLP "
-                    f"inner width of each block, named by the modules {names}, ...")
-        return [d for d in dims if any(fnmatch.fnmatchcase(d.capture, p) for p in patterns)]
+                    f"inner width of each block (kinds 'value_width', 'mlp_width'), named by "
+                    f"the modules {names}, ...")
+        return [d for d in dims if any(hit(d, p) for p in patterns)]
 
     def describe(self) -> str:
         L = self.layout

@@ -127,6 +127,64 @@ def _capture(model: nn.Module, names: list[str]
     return out, [modules[n].register_forward_hook(hook(n)) for n in names]
 
 
+class TeacherCache:
+    """The frozen teacher's outputs (and captured features) per training batch, computed
+    once and reused by later epochs, and by later steps while the teacher stays the same
+    module (``distil_from="original"``). A batch is keyed by its object, so only batches
+    that persist between passes (a list's elements) hit; the cache holds a reference to
+    each so its key cannot be reused. Entries are kept on the CPU up to ``max_bytes``;
+    batches past that are recomputed every time.
+
+    Exact: the teacher runs in eval mode under no_grad, so a cached output is the one the
+    forward would give again.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.entries: dict[int, tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self.bytes = 0
+        self.teacher: nn.Module | None = None
+        self.hits = self.misses = 0
+
+    def bind(self, teacher: nn.Module) -> None:
+        """Use the cache for ``teacher`` (emptied when it is another module)."""
+        if teacher is not self.teacher:
+            self.entries.clear()
+            self.bytes, self.teacher = 0, teacher
+
+    def get(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        hit = self.entries.get(id(batch))
+        if hit is None or hit[0] is not batch:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return hit[1], hit[2]
+
+    def put(self, batch: Any, out: torch.Tensor, feats: dict[str, torch.Tensor]) -> None:
+        size = out.numel() * out.element_size() + sum(
+            f.numel() * f.element_size() for f in feats.values())
+        if self.bytes + size > self.max_bytes:
+            return
+        self.entries[id(batch)] = (batch, out.detach().cpu(),
+                                   {k: v.detach().cpu() for k, v in feats.items()})
+        self.bytes += size
+
+
+def _teacher_outputs(teacher: nn.Module, batch: Any, args: tuple, kwargs: dict,
+                     feats: dict[str, torch.Tensor], cache: TeacherCache | None,
+                     device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The teacher's output and features on ``batch``: from ``cache`` or a forward (whose
+    hooks fill ``feats``), stored in the cache when it has room."""
+    got = None if cache is None else cache.get(batch)
+    if got is not None:
+        return got[0].to(device), {k: v.to(device) for k, v in got[1].items()}
+    with torch.no_grad():
+        out = model_output(teacher(*args, **kwargs))
+    if cache is not None:
+        cache.put(batch, out, feats)
+    return out, dict(feats)
+
+
 def _check_finite(student: nn.Module, what: str) -> None:
     for name, p in student.named_parameters():
         if not bool(torch.isfinite(p).all()):
@@ -145,10 +203,12 @@ def distill(
     warmup_steps: int = 20,
     epochs: int = 3,
     min_steps: int = 0,
+    max_steps: int | None = None,
     progress: bool = True,
     desc: str = "distil",
     features: Sequence[str] | None = None,
     feature_weight: float = 1.0,
+    teacher_cache: TeacherCache | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` in place to match the frozen ``teacher`` on ``batches``.
 
@@ -167,11 +227,16 @@ def distill(
         min_steps: with epochs > 0, add passes until at least this many optimizer steps
             are taken (small data sets: 3 epochs of 20 batches are too few to recover a
             cut); needs ``len(batches)``.
+        max_steps: stop after this many optimizer steps (the learning-rate schedule ends
+            there; None: all ``epochs``): on large training sets a step's distillation
+            sees a seeded sample of the batches, not all of them.
         features: fnmatch globs of module names (:func:`feature_modules`) whose outputs
             the student matches to the teacher's, adding ``feature_weight *``
             :func:`rmtkd.distill.feature_loss` (masked by a dict batch's
             ``attention_mask``); the outputs must keep their shape through the cuts
             (transformer layers: the residual stream). None: the task loss alone.
+        teacher_cache: a :class:`TeacherCache` for the teacher's outputs (None: the
+            teacher runs on every batch of every epoch).
 
     Returns:
         ``{"steps", "epochs", "loss" (mean of the last epoch), "epoch_losses"}``.
@@ -183,6 +248,8 @@ def distill(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
     if epochs < 0 or warmup_steps < 0 or min_steps < 0:
         raise ValueError(f"epochs, warmup_steps and min_steps must be >= 0, got {epochs}, "
                          f"{warmup_steps}, {min_steps}")
@@ -197,23 +264,28 @@ def distill(
         return {"steps": 0, "epochs": 0, "loss": math.nan, "epoch_losses": []}
     teacher.eval()
     opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_schedule(warmup_steps, epochs * len(batches) if hasattr(batches, "__len__")
-                         else None))
+    planned = epochs * len(batches) if hasattr(batches, "__len__") else None
+    if max_steps is not None:
+        planned = max_steps if planned is None else min(planned, max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(warmup_steps, planned))
     device = model_device(student)
     step = 0
     epoch_losses: list[float] = []
     student.train()
     s_feats, s_hooks = _capture(student, names)
-    t_feats, t_hooks = _capture(teacher, names)
+    t_hooked, t_hooks = _capture(teacher, names)
+    if teacher_cache is not None:
+        teacher_cache.bind(teacher)
     try:
         for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress,
                           leave=False):
             total, count = 0.0, 0
             for i, batch in enumerate(batches):
+                if max_steps is not None and step >= max_steps:
+                    break
                 args, kwargs = batch_to(*model_inputs(batch), device)
-                with torch.no_grad():
-                    t_out = model_output(teacher(*args, **kwargs))
+                t_out, t_feats = _teacher_outputs(teacher, batch, args, kwargs, t_hooked,
+                                                  teacher_cache, device)
                 s_out = model_output(student(*args, **kwargs))
                 if task == "classification":
                     labels = batch_labels(batch)
@@ -245,12 +317,15 @@ def distill(
                 step += 1
                 total += loss.item()
                 count += 1
-            epoch_losses.append(total / max(count, 1))
+            if count:
+                epoch_losses.append(total / count)
+            if max_steps is not None and step >= max_steps:
+                break
         _check_finite(student, f"after {step} distillation steps")
     finally:
         for h in s_hooks + t_hooks:
             h.remove()
         student.eval()
-    return {"steps": step, "epochs": epochs,
+    return {"steps": step, "epochs": len(epoch_losses),
             "loss": epoch_losses[-1] if epoch_losses else math.nan,
             "epoch_losses": epoch_losses}

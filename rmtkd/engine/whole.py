@@ -35,7 +35,7 @@ from ..capture.sites import batch_size, fit_samples, model_device
 from ..checkpoint import load_checkpoint, write_checkpoint
 from ..collectives import agree, all_or_none, check_same, check_same_plan, is_distributed, \
     is_main
-from ..distill.trainer import NonFiniteLossError
+from ..distill.trainer import NonFiniteLossError, TeacherCache
 from ..distributed import collect_sharded_statistics, distributed_distill
 from ..reduce import Reduction, UnsupportedModuleError, reduce_site
 from ..reduce.maths import n_params
@@ -192,6 +192,9 @@ class WholeModel(Strategy):
         if cfg.distil_from == "original":
             self.source = self.reference if self.reference is not None else \
                 copy.deepcopy(model).eval()
+        # One cache for the job: it is emptied whenever the teacher is another module.
+        self.teacher_cache = None if self.multi or cfg.teacher_cache_mb <= 0 else \
+            TeacherCache(cfg.teacher_cache_mb * 2**20)
         self.adapter = adapter_for(self.model)   # an unknown architecture: refused first
         self.original_metric = self._metric(self.model)
         self.original_params = n_params(self.model)
@@ -382,10 +385,12 @@ class WholeModel(Strategy):
                                 else self.source, self.train, task=cfg.task,
                                 alpha=cfg.alpha, temperature=cfg.temperature, lr=cfg.lr,
                                 warmup_steps=cfg.warmup_steps, epochs=cfg.distill_epochs,
-                                min_steps=cfg.distill_min_steps, progress=self.progress,
+                                min_steps=cfg.distill_min_steps,
+                                max_steps=cfg.distill_max_steps, progress=self.progress,
                                 data_parallel=cfg.data_parallel,
                                 features=cfg.distill_features,
                                 feature_weight=cfg.feature_weight,
+                                teacher_cache=self.teacher_cache,
                                 desc=f"distil {unit.sites[0].module_name}")
         except NonFiniteLossError as e:
             return f"distillation diverged: {e}"

@@ -10,7 +10,9 @@ While a job runs, the output is kept as per-block shards ``model-XXXXX-of-YYYYY.
 (shard 1: the embedding, shards 2..L+1: one decoder layer each, the last: final norm +
 lm_head). :func:`write_model` then streams them into the :func:`rmtkd.load` format
 ("rmtkd-hf": ``model.safetensors`` + ``config.json`` with the per-layer widths of
-:func:`rmtkd.reduce.record_widths` + ``plan.json``), one tensor at a time.
+:func:`rmtkd.reduce.record_widths` + ``plan.json`` + ``modeling_rmtkd.py``, which
+``transformers`` loads with ``trust_remote_code=True``, see :mod:`rmtkd.hf.export`), one
+tensor at a time.
 """
 from __future__ import annotations
 
@@ -219,6 +221,9 @@ def config_dict(src: WeightSource, widths: list[dict], dtype: torch.dtype) -> di
     cfg["architectures"] = [decoder(cfg).causal_lm]
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg[WIDTHS_KEY] = list(widths)
+    from ..hf.export import remote_code_config_for
+
+    cfg.update(remote_code_config_for(cfg))   # rmtkd_layout, auto_map (trust_remote_code)
     return cfg
 
 
@@ -249,10 +254,12 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 def write_model(out_dir: Path, shard_dir: Path, shards: list[str], cfg: dict,
                 extras: dict) -> int:
     """Write the compressed model in the :func:`rmtkd.load` format ("rmtkd-hf": one
-    ``model.safetensors`` + ``config.json`` + ``plan.json``), streaming the shards one
-    tensor at a time (the header is computed from their shapes first). Also readable by
-    the family's ``from_pretrained`` when no layer changed shape. Returns the number
-    of parameters written."""
+    ``model.safetensors`` + ``config.json`` + ``plan.json``, and ``modeling_rmtkd.py`` when
+    ``cfg`` has a layout), streaming the shards one tensor at a time (the header is computed
+    from their shapes first). Also readable by the family's ``AutoModelForCausalLM.
+    from_pretrained(..., trust_remote_code=True)`` (any widths) and by its plain
+    ``from_pretrained`` when no layer changed shape. Returns the number of parameters
+    written."""
     import struct
 
     from safetensors import safe_open
@@ -298,6 +305,10 @@ def write_model(out_dir: Path, shard_dir: Path, shards: list[str], cfg: dict,
             json.dump(obj, f, indent=1, default=str)
             f.flush()
             os.fsync(f.fileno())
+    from ..hf.export import LAYOUT_KEY, write_modeling_file
+
+    if LAYOUT_KEY in cfg:
+        write_modeling_file(out_dir)
     fsync_dir(out_dir)
     return params
 

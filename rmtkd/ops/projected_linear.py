@@ -181,7 +181,18 @@ def _autocast_on(device_type: str) -> bool:
         return device_type == "cuda" and torch.is_autocast_enabled()
 
 
+def _exporting() -> bool:
+    """Under torch.onnx.export (either exporter) or torch.export: the graph takes the torch
+    reference (plain matmuls any runtime has), whatever backend the layer asks for."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return bool(is_exporting and is_exporting())
+
+
 def dispatch(x, V, W, bias, backend):
+    if _exporting():
+        return _torch_reference(x, V, W, bias)
     be = _resolve(backend, x.device, x.dtype)
     if be == "torch":
         return _torch_reference(x, V, W, bias)

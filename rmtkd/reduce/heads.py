@@ -7,6 +7,9 @@ zero-pads each head back to ``head_size``; :class:`HeadSelectLinear` drops the p
 zeros before the (narrower) output projection. Every framework tensor shape (and a KV
 cache) stays as it was, any attention backend works, and heads may keep different widths
 (0 too). Parameters and the value/output matmuls shrink to ``sum(head_dims)``.
+
+The two modules (and :func:`kept_index`) are defined in :mod:`rmtkd.hf.modeling_rmtkd`,
+re-exported here.
 """
 from __future__ import annotations
 
@@ -15,70 +18,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+# The modules live in the self-contained file that a saved Hugging Face model carries
+# (loadable by transformers without rmtkd); this is the one implementation.
+from ..hf.modeling_rmtkd import HeadPaddedLinear, HeadSelectLinear, kept_index
 
-def _head_dims(head_dims: Sequence[int], head_size: int) -> tuple[list[int], int]:
-    """Validated per-head kept dimensions (each in [0, head_size]) and the head size."""
-    dims, size = [int(k) for k in head_dims], int(head_size)
-    if any(not 0 <= k <= size for k in dims):
-        raise ValueError(f"head_dims must be in [0, {size}]; got {dims}")
-    return dims, size
-
-
-def kept_index(head_dims: Sequence[int], head_size: int, device=None) -> torch.Tensor:
-    """Positions of the kept dims in the padded ``len(head_dims) * head_size`` layout."""
-    idx = torch.cat([torch.arange(k, dtype=torch.long) + h * head_size
-                     for h, k in enumerate(head_dims)] or [torch.zeros(0, dtype=torch.long)])
-    return idx if device is None or torch.device(device).type == "meta" else idx.to(device)
-
-
-class HeadPaddedLinear(nn.Module):
-    """``nn.Linear(in_features -> sum(head_dims))`` whose outputs are zero-padded per head to
-    ``head_size`` (out: ``len(head_dims) * head_size``): head h's kept values sit in the
-    first ``head_dims[h]`` entries of its block."""
-
-    def __init__(self, in_features: int, head_dims: Sequence[int], head_size: int,
-                 bias: bool = True, *, device=None, dtype=None) -> None:
-        super().__init__()
-        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
-        self.in_features = int(in_features)
-        self.out_features = len(self.head_dims) * self.head_size
-        self.linear = nn.Linear(in_features, sum(self.head_dims), bias=bias, device=device,
-                                dtype=dtype)
-        self.register_buffer("index", kept_index(self.head_dims, self.head_size, device),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
-        out = y.new_zeros(*y.shape[:-1], self.out_features)
-        return out.index_copy(-1, self.index, y)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, head_dims={self.head_dims}, " \
-               f"head_size={self.head_size}"
-
-
-class HeadSelectLinear(nn.Module):
-    """Keeps the first ``head_dims[h]`` entries of each head's ``head_size`` block of the
-    input (``len(head_dims) * head_size`` features), then ``nn.Linear(sum(head_dims) ->
-    out_features)``."""
-
-    def __init__(self, head_dims: Sequence[int], head_size: int, out_features: int,
-                 bias: bool = True, *, device=None, dtype=None) -> None:
-        super().__init__()
-        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
-        self.in_features = len(self.head_dims) * self.head_size
-        self.out_features = int(out_features)
-        self.linear = nn.Linear(sum(self.head_dims), out_features, bias=bias, device=device,
-                                dtype=dtype)
-        self.register_buffer("index", kept_index(self.head_dims, self.head_size, device),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.index_select(-1, self.index))
-
-    def extra_repr(self) -> str:
-        return f"head_dims={self.head_dims}, head_size={self.head_size}, " \
-               f"out_features={self.out_features}"
+__all__ = ["HeadPaddedLinear", "HeadSelectLinear", "kept_index", "head_bases",
+           "block_diagonal_basis", "dense_value", "dense_out", "top_eigenvectors", "f64"]
 
 
 def f64(t: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from torch import nn
 from ..adapters import TransformerAdapter, adapter_for, get
 from ..adapters.base import BlockSpec, CoupledDim
 from ..capture import Site
+from ..hf.modeling_rmtkd import module_has_bias, reshape, set_attr
 from ..nn import ProjectedLinear
 from .heads import (HeadPaddedLinear, HeadSelectLinear, dense_out, dense_value, f64,
                     head_bases, top_eigenvectors)
@@ -181,10 +182,10 @@ def cut_mlp(block: nn.Module, mean: torch.Tensor | None, cov: torch.Tensor, k: i
 
 
 def _sync_mlp_attrs(block: nn.Module, spec: BlockSpec, size: int) -> None:
-    owner = get(block, spec.mlp.consumer.rpartition(".")[0]) if "." in spec.mlp.consumer \
-        else block
-    if isinstance(getattr(owner, "intermediate_size", None), int):
-        owner.intermediate_size = int(size)
+    """Set the block's attributes that hold its MLP width (the adapter names them)."""
+    ad, _ = block_of(block)
+    for attr in ad.mlp_width_attrs(block):
+        set_attr(block, attr, int(size))
 
 
 # ----------------------------------------------------------------------------- values
@@ -371,9 +372,7 @@ def dim_replacements(model: nn.Module, dim: CoupledDim, reduction: Reduction
 
 # ----------------------------------------------------------------------------- widths
 
-def _has_bias(m: nn.Module) -> bool:
-    inner = m.linear if isinstance(m, (HeadPaddedLinear, HeadSelectLinear)) else m
-    return getattr(inner, "bias", None) is not None
+_has_bias = module_has_bias
 
 
 def block_widths(block: nn.Module, spec: BlockSpec) -> dict:
@@ -421,66 +420,22 @@ def _legacy_widths(config: Any, n: int) -> list[dict] | None:
 
 def apply_widths(model: nn.Module, widths: list[dict] | None = None) -> nn.Module:
     """Reshape a freshly built model to recorded widths (default: those on its config) so a
-    reduced model's state dict loads into it; replaced modules are left uninitialised (load
-    them). Returns ``model``."""
+    reduced model's state dict loads into it; narrowed Linears are left uninitialised (load
+    them). Returns ``model``.
+
+    The reshaping is :func:`rmtkd.hf.modeling_rmtkd.reshape` (the code that a saved model
+    runs under ``transformers`` without rmtkd) with the layout the adapter derives from
+    ``model`` (:meth:`~rmtkd.adapters.TransformerAdapter.layout_record`), and rmtkd's
+    :class:`~rmtkd.nn.ProjectedLinear`."""
     ad = adapter_for(model, strict=False)
     if not isinstance(ad, TransformerAdapter):
         return model
-    blocks = ad.block_modules(model)
     config = getattr(model, "config", None)
     if widths is None:
-        widths = getattr(config, WIDTHS_KEY, None) or _legacy_widths(config, len(blocks))
+        widths = getattr(config, WIDTHS_KEY, None) or \
+            _legacy_widths(config, len(ad.block_modules(model)))
     if not widths:
         return model
-    if len(widths) != len(blocks):
-        raise ValueError(f"recorded widths cover {len(widths)} blocks; the model has "
-                         f"{len(blocks)}")
-    for i, ((name, block), w) in enumerate(zip(blocks, widths)):
-        spec = ad.block_spec(block, name, i)
-        bias = w.get("biases") or {}
+    return reshape(model, list(widths), ad.layout_record(model), projected=ProjectedLinear,
+                   empty=True)
 
-        def has(rel: str) -> bool:
-            return bool(bias.get(rel, _has_bias(get(block, rel))))
-
-        m = spec.mlp
-        size = w.get("mlp")
-        if size is not None and int(size) != get(block, m.consumer).in_features:
-            for p in m.producers:
-                old = get(block, p)
-                set_module(block, p, _empty_linear(old.in_features, int(size), old, has(p)))
-            old = get(block, m.consumer)
-            set_module(block, m.consumer,
-                       _empty_linear(int(size), old.out_features, old, has(m.consumer)))
-            _sync_mlp_attrs(block, spec, int(size))
-        dims = w.get("value_heads")
-        a = spec.attention
-        if dims is not None:
-            if len(dims) != a.kv_heads:
-                raise ValueError(f"recorded value head dims {dims} do not match {a.kv_heads} "
-                                 f"key-value heads of block {i}")
-            v, o = get(block, a.v), get(block, a.o)
-            set_module(block, a.v, HeadPaddedLinear(
-                v.in_features, dims, a.head_dim, bias=has(a.v), device=v.weight.device,
-                dtype=v.weight.dtype))
-            set_module(block, a.o, HeadSelectLinear(
-                [dims[h // a.group] for h in range(a.heads)], a.head_dim, o.out_features,
-                bias=has(a.o), device=o.weight.device, dtype=o.weight.dtype))
-        ranks = w.get("ranks") or {}
-        for rel in spec.linears:
-            mod = get(block, rel)
-            if rel in ranks:
-                set_module(block, rel, ProjectedLinear(
-                    mod.in_features, mod.out_features, int(ranks[rel]), bias=has(rel),
-                    device=mod.weight.device, dtype=mod.weight.dtype))
-            elif type(mod) is nn.Linear and has(rel) != (mod.bias is not None):
-                set_module(block, rel, _empty_linear(mod.in_features, mod.out_features, mod,
-                                                     has(rel)))
-    return model
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _empty_linear(n_in: int, n_out: int, like: nn.Module, bias: bool) -> nn.Linear:
-    ref = like.weight if hasattr(like, "weight") else like.linear.weight
-    return nn.utils.skip_init(nn.Linear, int(n_in), int(n_out), bias=bool(bias),
-                              device=ref.device, dtype=ref.dtype).train(like.training)

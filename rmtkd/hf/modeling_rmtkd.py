@@ -1,0 +1,400 @@
+"""Reduced rmtkd models for ``transformers`` without rmtkd (``trust_remote_code``).
+
+This file is self-contained: it imports only the standard library, ``torch`` and (lazily)
+``transformers``, never rmtkd. ``rmtkd.save`` copies it verbatim into every directory of a
+Hugging Face model it writes, next to ``config.json`` (with ``rmtkd_blocks``,
+``rmtkd_layout`` and ``auto_map``) and ``model.safetensors``, so that::
+
+    transformers.AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True)
+
+(``AutoModel`` for a bare encoder, ``AutoModelForCausalLM`` for a decoder, ...) builds the
+stock class of ``model_type``, reshapes it to the recorded widths and loads the weights. It
+is also the one implementation inside rmtkd: ``rmtkd.reduce.heads`` re-exports the head
+modules, ``rmtkd.nn.ProjectedLinear`` subclasses :class:`ProjectedLinear` (adding kernel
+dispatch) and ``rmtkd.reduce.apply_widths`` runs :func:`reshape` with the layout that
+rmtkd's architecture adapters derive from the model.
+
+Contents:
+
+- :class:`HeadPaddedLinear`, :class:`HeadSelectLinear`: per-head value widths (a value
+  projection computing only the kept dims, zero-padded per head; an output projection that
+  drops the padding first). Their ``index`` buffer is not persistent: it is rebuilt from
+  ``head_dims`` (:func:`refresh_buffers`).
+- :class:`ProjectedLinear`: ``y = (x @ V) @ W.T + bias`` (parameters ``V``, ``W``, ``bias``).
+- :func:`reshape`: reshape a freshly built model from ``config.rmtkd_blocks`` (per block:
+  ``{"mlp": inner width, "value_heads": kept dims per key-value head or None, "ranks":
+  {linear: rank}, "biases": {linear: has bias}}``) and ``config.rmtkd_layout`` (the block
+  paths and, per block, the relative paths of its projections; written by
+  ``rmtkd.adapters.TransformerAdapter.layout_record``). Only these strings are used to walk
+  the model.
+- ``Rmtkd<Class>`` (e.g. ``RmtkdBertForSequenceClassification``,
+  ``RmtkdLlamaForCausalLM``): ``transformers.<Class>`` whose ``__init__`` reshapes the
+  model (before the weights are loaded), made on first access (:func:`rmtkd_model_class`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCKS_KEY = "rmtkd_blocks"
+LAYOUT_KEY = "rmtkd_layout"
+LAYOUT_FORMAT = "rmtkd-layout"
+LAYOUT_VERSION = 1
+CLASS_PREFIX = "Rmtkd"
+
+__all__ = ["HeadPaddedLinear", "HeadSelectLinear", "ProjectedLinear", "kept_index",
+           "reshape", "reshape_block", "refresh_buffers", "rmtkd_model_class",
+           "module_has_bias", "set_attr", "BLOCKS_KEY", "LAYOUT_KEY"]
+
+
+# ----------------------------------------------------------------------------- modules
+
+def _head_dims(head_dims: Sequence[int], head_size: int) -> tuple[list[int], int]:
+    """Validated per-head kept dimensions (each in [0, head_size]) and the head size."""
+    dims, size = [int(k) for k in head_dims], int(head_size)
+    if any(not 0 <= k <= size for k in dims):
+        raise ValueError(f"head_dims must be in [0, {size}]; got {dims}")
+    return dims, size
+
+
+def kept_index(head_dims: Sequence[int], head_size: int, device=None) -> torch.Tensor:
+    """Positions of the kept dims in the padded ``len(head_dims) * head_size`` layout."""
+    idx = torch.cat([torch.arange(k, dtype=torch.long) + h * head_size
+                     for h, k in enumerate(head_dims)] or [torch.zeros(0, dtype=torch.long)])
+    return idx if device is None or torch.device(device).type == "meta" else idx.to(device)
+
+
+class _HeadIndexed(nn.Module):
+    """Shared part of the head modules: the ``index`` of the kept dims (not persistent)."""
+
+    head_dims: list[int]
+    head_size: int
+    linear: nn.Linear
+
+    def refresh_index(self) -> None:
+        """Recompute ``index`` from ``head_dims`` on the weight's device (a loader that
+        creates the model on the meta device leaves non-persistent buffers empty)."""
+        self.index = kept_index(self.head_dims, self.head_size, self.linear.weight.device)
+
+
+class HeadPaddedLinear(_HeadIndexed):
+    """``nn.Linear(in_features -> sum(head_dims))`` whose outputs are zero-padded per head to
+    ``head_size`` (out: ``len(head_dims) * head_size``): head h's kept values sit in the
+    first ``head_dims[h]`` entries of its block."""
+
+    def __init__(self, in_features: int, head_dims: Sequence[int], head_size: int,
+                 bias: bool = True, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
+        self.in_features = int(in_features)
+        self.out_features = len(self.head_dims) * self.head_size
+        self.linear = nn.Linear(in_features, sum(self.head_dims), bias=bias, device=device,
+                                dtype=dtype)
+        self.register_buffer("index", kept_index(self.head_dims, self.head_size, device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        out = y.new_zeros(*y.shape[:-1], self.out_features)
+        return out.index_copy(-1, self.index, y)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, head_dims={self.head_dims}, " \
+               f"head_size={self.head_size}"
+
+
+class HeadSelectLinear(_HeadIndexed):
+    """Keeps the first ``head_dims[h]`` entries of each head's ``head_size`` block of the
+    input (``len(head_dims) * head_size`` features), then ``nn.Linear(sum(head_dims) ->
+    out_features)``."""
+
+    def __init__(self, head_dims: Sequence[int], head_size: int, out_features: int,
+                 bias: bool = True, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
+        self.in_features = len(self.head_dims) * self.head_size
+        self.out_features = int(out_features)
+        self.linear = nn.Linear(sum(self.head_dims), out_features, bias=bias, device=device,
+                                dtype=dtype)
+        self.register_buffer("index", kept_index(self.head_dims, self.head_size, device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.index_select(-1, self.index))
+
+    def extra_repr(self) -> str:
+        return f"head_dims={self.head_dims}, head_size={self.head_size}, " \
+               f"out_features={self.out_features}"
+
+
+class ProjectedLinear(nn.Module):
+    """``y = (x @ V) @ W.T + bias``: a rank-``rank`` linear map through the columns of ``V``.
+
+    Parameters: ``V`` (in_features, rank), initialised with orthonormal columns; ``W``
+    (out_features, rank), initialised like ``nn.Linear``'s weight with fan-in ``rank``;
+    ``bias`` (out_features,) or None. (``rmtkd.nn.ProjectedLinear`` is this module with
+    argument checks and a choice of kernels.)
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = (int(in_features), int(out_features),
+                                                          int(rank))
+        if not 1 <= self.rank <= self.in_features or self.out_features < 1:
+            raise ValueError(f"ProjectedLinear: need 1 <= rank <= in_features and "
+                             f"out_features >= 1; got in_features={in_features}, "
+                             f"out_features={out_features}, rank={rank}")
+        kw = {"device": device, "dtype": dtype}
+        self.V = nn.Parameter(torch.empty(self.in_features, self.rank, **kw))
+        self.W = nn.Parameter(torch.empty(self.out_features, self.rank, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """V: orthonormal columns (QR of a Gaussian, in fp32); W and bias as nn.Linear would
+        initialise a (out_features x rank) layer."""
+        if self.V.device.type == "meta":
+            return
+        with torch.no_grad():
+            g = torch.randn(self.in_features, self.rank, dtype=torch.float32,
+                            device=self.V.device)
+            q, r = torch.linalg.qr(g)
+            self.V.copy_(q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0))  # Haar-uniform
+        nn.init.kaiming_uniform_(self.W, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.rank)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x @ self.V, self.W, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+
+# ----------------------------------------------------------------------------- walking
+
+def get(module: Any, rel: str) -> Any:
+    """The attribute at the dotted path ``rel`` ("" = ``module``); None when missing."""
+    obj = module
+    for part in rel.split(".") if rel else ():
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def set_attr(module: nn.Module, rel: str, value: Any) -> None:
+    """Set the attribute (a submodule or a plain value) at the dotted path ``rel``."""
+    parent, _, child = rel.rpartition(".")
+    owner = get(module, parent)
+    if owner is None:
+        raise AttributeError(f"{type(module).__name__} has no {parent!r}")
+    setattr(owner, child, value)
+
+
+def module_has_bias(m: Any) -> bool:
+    """Whether a (possibly reduced) projection has a bias."""
+    inner = m.linear if isinstance(m, _HeadIndexed) else m
+    return getattr(inner, "bias", None) is not None
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    for name in ("weight", "W"):
+        w = getattr(m, name, None)
+        if isinstance(w, torch.Tensor):
+            return w
+    if isinstance(getattr(m, "linear", None), nn.Linear):
+        return m.linear.weight
+    return next(m.parameters())
+
+
+def _new_linear(n_in: int, n_out: int, like: nn.Module, bias: bool, empty: bool
+                ) -> nn.Linear:
+    ref = _weight(like)
+    kw = {"bias": bool(bias), "device": ref.device, "dtype": ref.dtype}
+    layer = (nn.utils.skip_init(nn.Linear, int(n_in), int(n_out), **kw) if empty
+             else nn.Linear(int(n_in), int(n_out), **kw))
+    return layer.train(like.training)
+
+
+def _features(m: Any, attr: str, where: str) -> int:
+    v = getattr(m, attr, None)
+    if not isinstance(v, int):
+        raise ValueError(f"rmtkd reshape: {where} has no integer {attr}")
+    return v
+
+
+def reshape_block(block: nn.Module, spec: dict, widths: dict, *, index: int = 0,
+                  projected: Callable[..., nn.Module] | None = None, empty: bool = False
+                  ) -> nn.Module:
+    """Reshape one block to its width record ``widths`` with the relative paths of its
+    layout entry ``spec`` (see the module docstring). New modules take the device, dtype and
+    training mode of those they replace; ``empty``: narrowed ``nn.Linear`` are left
+    uninitialised (weights to be loaded); ``projected``: the ProjectedLinear class (default
+    :class:`ProjectedLinear`). Returns ``block``."""
+    projected = projected or ProjectedLinear
+    bias = widths.get("biases") or {}
+
+    def has(rel: str) -> bool:
+        return bool(bias.get(rel, module_has_bias(get(block, rel))))
+
+    producers, consumer = list(spec["mlp_producers"]), spec["mlp_consumer"]
+    size = widths.get("mlp")
+    if size is not None and int(size) != _features(get(block, consumer), "in_features",
+                                                   consumer):
+        for p in producers:
+            old = get(block, p)
+            set_attr(block, p, _new_linear(_features(old, "in_features", p), int(size), old,
+                                           has(p), empty))
+        old = get(block, consumer)
+        set_attr(block, consumer, _new_linear(int(size), _features(old, "out_features",
+                                                                   consumer),
+                                              old, has(consumer), empty))
+        for attr in spec.get("mlp_width_attrs") or ():
+            if isinstance(get(block, attr), int):
+                set_attr(block, attr, int(size))
+    dims = widths.get("value_heads")
+    if dims is not None:
+        heads, kv_heads, head_dim = int(spec["heads"]), int(spec["kv_heads"]), \
+            int(spec["head_dim"])
+        group = int(spec.get("group") or heads // kv_heads)
+        if len(dims) != kv_heads:
+            raise ValueError(f"recorded value head dims {dims} do not match {kv_heads} "
+                             f"key-value heads of block {index}")
+        v_rel, o_rel = spec["v"], spec["o"]
+        v, o = get(block, v_rel), get(block, o_rel)
+        rv, ro = _weight(v), _weight(o)
+        set_attr(block, v_rel, HeadPaddedLinear(
+            _features(v, "in_features", v_rel), dims, head_dim, bias=has(v_rel),
+            device=rv.device, dtype=rv.dtype).train(v.training))
+        set_attr(block, o_rel, HeadSelectLinear(
+            [dims[h // group] for h in range(heads)], head_dim,
+            _features(o, "out_features", o_rel), bias=has(o_rel), device=ro.device,
+            dtype=ro.dtype).train(o.training))
+    ranks = widths.get("ranks") or {}
+    for rel in spec["linears"]:
+        mod = get(block, rel)
+        if rel in ranks:
+            ref = _weight(mod)
+            set_attr(block, rel, projected(
+                _features(mod, "in_features", rel), _features(mod, "out_features", rel),
+                int(ranks[rel]), bias=has(rel), device=ref.device,
+                dtype=ref.dtype).train(mod.training))
+        elif type(mod) is nn.Linear and has(rel) != (mod.bias is not None):
+            set_attr(block, rel, _new_linear(mod.in_features, mod.out_features, mod,
+                                             has(rel), empty))
+    return block
+
+
+def _config_value(config: Any, key: str) -> Any:
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def reshape(model: nn.Module, blocks: list[dict] | None = None, layout: dict | None = None,
+            *, projected: Callable[..., nn.Module] | None = None, empty: bool = False
+            ) -> nn.Module:
+    """Reshape a freshly built model to the recorded widths ``blocks`` (default
+    ``model.config.rmtkd_blocks``) using ``layout`` (default ``model.config.rmtkd_layout``),
+    in place, so that the reduced state dict loads with ``strict=True``. Nothing happens
+    without width records. Returns ``model``.
+
+    Raises:
+        ValueError: widths without a layout, or widths and layout that do not fit.
+    """
+    config = getattr(model, "config", None)
+    if blocks is None:
+        blocks = _config_value(config, BLOCKS_KEY)
+    if not blocks:
+        return model
+    if layout is None:
+        layout = _config_value(config, LAYOUT_KEY)
+    if not isinstance(layout, dict) or not isinstance(layout.get("blocks"), list):
+        raise ValueError(f"the config records reduced widths ({BLOCKS_KEY}) but no block "
+                         f"layout ({LAYOUT_KEY}); save the model again with a current rmtkd")
+    if int(layout.get("version", 1)) > LAYOUT_VERSION:
+        raise ValueError(f"{LAYOUT_KEY} version {layout.get('version')} is newer than this "
+                         f"modeling file reads ({LAYOUT_VERSION})")
+    entries = layout["blocks"]
+    if len(blocks) != len(entries):
+        raise ValueError(f"recorded widths cover {len(blocks)} blocks; the model has "
+                         f"{len(entries)}")
+    for i, (spec, w) in enumerate(zip(entries, blocks)):
+        block = get(model, spec.get("path", ""))
+        if not isinstance(block, nn.Module):
+            raise ValueError(f"{LAYOUT_KEY}: block {i} {spec.get('path')!r} is not a module "
+                             f"of {type(model).__name__}")
+        reshape_block(block, spec, w, index=i, projected=projected, empty=empty)
+    return model
+
+
+def refresh_buffers(model: nn.Module) -> nn.Module:
+    """Recompute the (non-persistent) index buffers of every head module of ``model``."""
+    for m in model.modules():
+        if isinstance(m, _HeadIndexed):
+            m.refresh_index()
+    return model
+
+
+# ----------------------------------------------------------------------------- classes
+
+_CLASSES: dict[str, type] = {}
+
+
+def rmtkd_model_class(base: type | str) -> type:
+    """``Rmtkd<base>``: the transformers class ``base`` (a class or its name) whose
+    ``__init__`` reshapes the freshly built model with :func:`reshape` (from its config)
+    before any weight is loaded, and whose ``from_pretrained`` rebuilds the head index
+    buffers after loading."""
+    if isinstance(base, str):
+        import transformers
+
+        cls = getattr(transformers, base, None)
+        if not isinstance(cls, type):
+            raise AttributeError(f"transformers {transformers.__version__} has no model "
+                                 f"class {base!r}")
+        base = cls
+    name = CLASS_PREFIX + base.__name__
+    made = _CLASSES.get(name)
+    if made is not None and made.__bases__[0] is base:
+        return made
+
+    class RmtkdModel(base):   # type: ignore[misc, valid-type]
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            reshape(self)
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            out = super().from_pretrained(*args, **kwargs)
+            refresh_buffers(out[0] if isinstance(out, tuple) else out)
+            return out
+
+    RmtkdModel.__name__ = RmtkdModel.__qualname__ = name
+    RmtkdModel.__module__ = __name__
+    RmtkdModel.__doc__ = (f"transformers.{base.__name__} reshaped to the widths recorded by "
+                          f"rmtkd ({BLOCKS_KEY} / {LAYOUT_KEY} of its config).")
+    _CLASSES[name] = RmtkdModel
+    return RmtkdModel
+
+
+def __getattr__(name: str) -> type:
+    """``Rmtkd<Class>`` made on first access (``auto_map`` names these)."""
+    if name.startswith(CLASS_PREFIX) and len(name) > len(CLASS_PREFIX):
+        cls = rmtkd_model_class(name[len(CLASS_PREFIX):])
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
