@@ -4,7 +4,7 @@ teacher with layer 0's MLP cut to its MP k, feature distillation on the 6 blocks
 of 32 training texts, ``--epochs`` passes over ``--batches`` batches. Times are medians of
 ``--repeats`` runs per variant, interleaved; the trained students are checked to be equal.
 
-    python bench/bench_teacher_cache.py [--batches 40] [--epochs 3] [--repeats 3]
+    python bench/bench_teacher_cache.py [--batches 30] [--epochs 2] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from _common import machine_info, write_json  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batches", type=int, default=40)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
 
     import torch
