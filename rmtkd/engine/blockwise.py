@@ -164,6 +164,7 @@ class Blockwise(Strategy):
         self.resuming = resume
         self.pe = family.position_embeddings(self.config, seqs.shape[1], self.dev)
         self.state: dict = {}
+        self._norm_head: tuple[nn.Module, torch.Tensor] | None = None
 
     @property
     def budgeted(self) -> bool:
@@ -296,7 +297,7 @@ class Blockwise(Strategy):
 
     def _head(self) -> tuple[nn.Module, torch.Tensor]:
         """The final norm and the head (fp32, on the device), read once per job."""
-        if getattr(self, "_norm_head", None) is None:
+        if self._norm_head is None:
             self._norm_head = (
                 family.final_norm(self.config, self.src.get(FINAL_NORM)).to(self.dev),
                 self.src.lm_head().float().to(self.dev))

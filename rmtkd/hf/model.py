@@ -114,9 +114,9 @@ def load_hf_dir(path: str | Path, task: str | None = None) -> HFModel:
     import torch
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     tokenizer = load_tokenizer(path)
-    if task == "lm":
+    if task == "lm":   # the model itself is read later, tensor by tensor
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         return HFModel(None, tokenizer, task, path, config)
     kw = {"local_files_only": True, "dtype": torch.float32}
     if task == "classification":
