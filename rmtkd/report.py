@@ -274,7 +274,8 @@ def _dir_bytes(path: Any) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-_STEP_COLUMNS = ("site", "d -> k", "estimator", "sigma^2", "lambda_+", "params before",
+_STEP_COLUMNS = ("site", "d -> k", "MP k", "k - MP k", "estimator", "sigma^2", "lambda_+",
+                 "params before",
                  "params after", "metric before", "after surgery", "after KD", "time (s)",
                  "status")
 
@@ -284,7 +285,10 @@ def _fmt(v: float) -> str:
 
 
 def _step_cells(r: Any) -> list[str]:
-    return [r.site, f"{r.d} -> {r.k}", r.estimator, f"{r.sigma2:.4g}", f"{r.lambda_plus:.4g}",
+    mp = getattr(r, "mp_k", None)
+    return [r.site, f"{r.d} -> {r.k}", "-" if mp is None else f"{mp}",
+            "-" if mp is None else f"{r.k - mp:+d}", r.estimator, f"{r.sigma2:.4g}",
+            f"{r.lambda_plus:.4g}",
             f"{r.params_before:,}", f"{r.params_after:,}", _fmt(r.metric_before),
             _fmt(r.metric_reduced), _fmt(r.metric_after), f"{r.seconds:.2f}", r.status]
 
@@ -297,7 +301,7 @@ def format_history(history: list[Any], markdown: bool = False) -> str:
         return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
                          for r in rows)
     widths = [max(len(r[i]) for r in rows) for i in range(len(_STEP_COLUMNS))]
-    left = (0, 2, 11)
+    left = (0, 4, 13)
     fmt = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)]

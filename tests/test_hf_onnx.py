@@ -16,6 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel  #
 from rmtkd.errors import InputError  # noqa: E402
 from rmtkd.examples.minilm import SentenceEncoder  # noqa: E402
 from rmtkd.hf import onnx as hx  # noqa: E402
+from rmtkd.hf.modeling_rmtkd import FactorizedEmbedding  # noqa: E402
 from rmtkd.nn import ProjectedLinear  # noqa: E402
 from rmtkd.reduce import (HeadPaddedLinear, HeadSelectLinear, Reduction,  # noqa: E402
                           head_reduction, reduce_site)
@@ -38,8 +39,12 @@ def orth(d, k, seed):
 
 def reduce(model, prefix="bert.encoder.layer"):
     """Layer 0: MLP width 64 -> 16; layer 1: value heads [2, 3, 0, 5] of 8, MLP output
-    projected to rank 9 (a ProjectedLinear)."""
+    projected to rank 9 (a ProjectedLinear); the token embedding factorised to rank 16."""
     g = torch.Generator().manual_seed(7)
+    emb = prefix.replace("encoder.layer", "embeddings.word_embeddings")
+    table = model.get_submodule(emb).weight.detach()
+    assert reduce_site(model, Reduction("e", emb, "width", H, 16, orth(H, 16, 4),
+                                        table.mean(0))).applied
     assert reduce_site(model, Reduction("a", f"{prefix}.0.output.dense", "width", FF, 16,
                                         orth(FF, 16, 1), torch.randn(FF, generator=g))).applied
     A = torch.randn(H, H, generator=g)
@@ -53,6 +58,7 @@ def reduce(model, prefix="bert.encoder.layer"):
     assert isinstance(layers[1].attention.self.value, HeadPaddedLinear)
     assert isinstance(layers[1].attention.output.dense, HeadSelectLinear)
     assert isinstance(layers[1].output.dense, ProjectedLinear)
+    assert isinstance(model.get_submodule(emb), FactorizedEmbedding)
     return model.eval()
 
 

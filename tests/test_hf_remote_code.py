@@ -58,11 +58,14 @@ def bert(cls):
 
 def reduce_bert(model):
     """Layer 0: MLP width 16 and value dims [2, 3, 0, 5] per head; layer 1: the MLP output
-    and the attention output projected (ranks 9, 10)."""
+    and the attention output projected (ranks 9, 10); the token embedding at rank 12."""
     p = block_modules(model)[0][0].rpartition(".")[0]
     g = torch.Generator().manual_seed(7)
     A = torch.randn(H, H, generator=g, dtype=torch.float64)
-    for red in (Reduction("a", f"{p}.0.output.dense", "width", FF, 16, orth(FF, 16, 1),
+    emb = p.replace("encoder.layer", "embeddings.word_embeddings")
+    mean = model.get_submodule(emb).weight.detach().double().mean(0)
+    for red in (Reduction("e", emb, "width", H, 12, orth(H, 12, 4), mean),
+Reduction("a", f"{p}.0.output.dense", "width", FF, 16, orth(FF, 16, 1),
                           torch.randn(FF, generator=g)),
                 head_reduction("b", f"{p}.0.attention.output.dense", A @ A.T, HEADS,
                                [2, 3, 0, 5], mean=torch.randn(H, generator=g)),

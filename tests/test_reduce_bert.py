@@ -168,7 +168,6 @@ def test_attention_project_is_exact():
 @pytest.mark.parametrize("name,d", [("encoder.layer.0.attention.self.query", H),
                                     ("encoder.layer.0.attention.self.value", H),
                                     ("encoder.layer.0.intermediate.dense", H),
-                                    ("embeddings.word_embeddings", H),
                                     ("pooler.dense", H)])
 @pytest.mark.parametrize("mode", ["width", "project"])
 def test_other_bert_modules_are_left_alone(name, d, mode):

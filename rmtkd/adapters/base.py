@@ -93,14 +93,15 @@ class BlockSpec:
 class CoupledDim:
     """A dimension that one cut changes in several modules at once.
 
-    ``kind``: "mlp_width" (a block's MLP inner width) or "value_width" (the value width per
-    key-value head). ``capture``: the module whose ``where`` ("input"/"output") activation
-    is analysed; ``writers`` / ``readers``: the modules (full names) that produce and
-    consume the dimension.
+    ``kind``: "mlp_width" (a block's MLP inner width), "value_width" (the value width per
+    key-value head) or "embedding_rank" (the rank of the token-embedding table; ``block``
+    None). ``capture``: the module whose ``where`` ("input"/"output") activation is
+    analysed; ``writers`` / ``readers``: the modules (full names) that produce and consume
+    the dimension.
     """
 
     kind: str
-    block: BlockSpec
+    block: BlockSpec | None
     capture: str
     where: Literal["input", "output"]
     writers: tuple[str, ...]

@@ -21,7 +21,8 @@ LAYOUT = Layout(
     norms=(NormSpec("attention.output.LayerNorm", "layernorm", "post"),
            NormSpec("output.LayerNorm", "layernorm", "post")),
     value_site="o_input",
-    embeddings="embeddings", final_norm=None, head="classifier")
+    embeddings="embeddings", token_embedding="embeddings.word_embeddings",
+    final_norm=None, head="classifier")
 
 HF_CLASSES = ("BertModel", "BertForSequenceClassification", "BertForMaskedLM",
               "BertForTokenClassification", "BertForQuestionAnswering",

@@ -33,7 +33,8 @@ LAYOUT = Layout(
     norms=(NormSpec("input_layernorm", "rmsnorm", "pre"),
            NormSpec("post_attention_layernorm", "rmsnorm", "pre")),
     value_site="v_output", value_norm="self_attn.v_norm",
-    embeddings="embed_tokens", final_norm="norm", head="lm_head",
+    embeddings="embed_tokens", token_embedding="embed_tokens", final_norm="norm",
+    head="lm_head",
     mlp_width_attrs=("mlp.intermediate_size",))
 
 

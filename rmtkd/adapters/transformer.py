@@ -36,6 +36,7 @@ class Layout:
     value_site: str               # "v_output" or "o_input"
     value_norm: str | None = None   # a norm applied to the values (blocks the value cut)
     embeddings: str | None = None   # relative to the model that holds the blocks' list
+    token_embedding: str | None = None   # the token-embedding table (nn.Embedding), ditto
     final_norm: str | None = None
     head: str | None = None
     #: integer attributes (relative to the block) that hold the MLP inner width and follow
@@ -118,6 +119,29 @@ class TransformerAdapter:
         return ModelStructure(L.family, blocks, find(L.embeddings), find(L.final_norm),
                               find(L.head))
 
+    def token_embedding(self, model: nn.Module) -> str | None:
+        """The full name of ``model``'s token-embedding table (an ``nn.Embedding`` or an
+        already factorised one), or None where the layout names none or ``model`` (e.g. a
+        bare block) does not hold it."""
+        rel = self.layout.token_embedding
+        if rel is None:
+            return None
+        for n, m in model.named_modules():
+            if (n == rel or n.endswith("." + rel)) and hasattr(m, "num_embeddings"):
+                return n
+        return None
+
+    def tied_embedding(self, model: nn.Module) -> bool:
+        """Whether another module of ``model`` shares the token-embedding table (a decoder's
+        tied lm_head): a cut of its rank would have to cut both."""
+        path = self.token_embedding(model)
+        if path is None:
+            return False
+        w = getattr(model.get_submodule(path), "weight", None)
+        return w is not None and any(
+            p is w for n, p in model.named_parameters(remove_duplicate=False)
+            if not n.startswith(path + "."))
+
     def mlp_width_attrs(self, block: nn.Module) -> tuple[str, ...]:
         """The integer attributes of ``block`` (relative paths) that hold its MLP inner
         width, to be updated when the width is cut (see :attr:`Layout.mlp_width_attrs`)."""
@@ -156,7 +180,8 @@ class TransformerAdapter:
                 [str(i) for i in range(len(mods))]:
             container = None
         return {"format": LAYOUT_FORMAT, "version": LAYOUT_VERSION,
-                "family": self.layout.family, "container": container, "blocks": blocks}
+                "family": self.layout.family, "container": container, "blocks": blocks,
+                "embedding": self.token_embedding(model)}
 
     def value_norm(self, block: nn.Module) -> bool:
         return self.layout.value_norm is not None and isinstance(
@@ -164,8 +189,12 @@ class TransformerAdapter:
 
     # ------------------------------------------------------------------ coupled dims
     def coupled_dims(self, model: nn.Module) -> list[CoupledDim]:
-        """Per block, in execution order: the value width, then the MLP inner width."""
+        """The token-embedding rank (where ``model`` holds an untied table), then per block,
+        in execution order: the value width, then the MLP inner width."""
         dims = []
+        emb = self.token_embedding(model)
+        if emb is not None and not self.tied_embedding(model):
+            dims.append(CoupledDim("embedding_rank", None, emb, "output", (emb,), ()))
         for spec in self.blocks(model):
             a, m = spec.attention, spec.mlp
             if a.value_site == "v_output":
@@ -195,7 +224,8 @@ class TransformerAdapter:
     def select_dims(self, model: nn.Module, include: Sequence[str] | None
                     ) -> list[CoupledDim]:
         """The coupled dims that a pattern of ``include`` names (all when None): a kind
-        ("mlp_width", "value_width": every block's) or a glob of the capture module's name.
+        ("mlp_width", "value_width": every block's; "embedding_rank") or a glob of the
+        capture module's name.
         Raises ValueError for a pattern that matches none (listing the sites)."""
         dims = self.coupled_dims(model)
         if include is None:
@@ -210,9 +240,10 @@ class TransformerAdapter:
                 names = ", ".join(d.capture for d in dims[:4])
                 raise ValueError(
                     f"site pattern {p!r} matches no reducible dimension of this "
-                    f"{self.layout.family} model; its sites are the value width and the MLP "
-                    f"inner width of each block (kinds 'value_width', 'mlp_width'), named by "
-                    f"the modules {names}, ...")
+                    f"{self.layout.family} model; its sites are the token-embedding rank "
+                    f"(kind 'embedding_rank', where the table is not tied to the head) and "
+                    f"the value width and the MLP inner width of each block (kinds "
+                    f"'value_width', 'mlp_width'), named by the modules {names}, ...")
         return [d for d in dims if any(hit(d, p) for p in patterns)]
 
     def describe(self) -> str:

@@ -33,7 +33,8 @@ class Site:
     Attributes:
         name: ``"<module_name>:<where>"``, e.g. ``"fc2:input"``.
         module_name: the module's name in ``model.named_modules()``.
-        kind: ``"linear"`` or ``"conv2d"``.
+        kind: ``"linear"``, ``"conv2d"`` or ``"embedding"`` (a token-embedding table's
+            output: its rows over the calibration tokens).
         dim: number of features (Linear ``in_features``/``out_features``, Conv2d
             ``in_channels``/``out_channels`` for ``where="input"``/``"output"``).
         where: ``"input"`` or ``"output"`` of the module.
@@ -41,7 +42,7 @@ class Site:
 
     name: str
     module_name: str
-    kind: Literal["linear", "conv2d"]
+    kind: Literal["linear", "conv2d", "embedding"]
     dim: int
     where: Literal["input", "output"]
 

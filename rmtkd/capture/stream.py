@@ -37,7 +37,7 @@ def site_features(site: Site, x: torch.Tensor) -> torch.Tensor:
 
 def _row_mask(site: Site, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The attention mask as a bool row mask for a ``[B, T, D]`` activation, else None."""
-    if mask is None or site.kind != "linear" or x.dim() != 3:
+    if mask is None or site.kind not in ("linear", "embedding") or x.dim() != 3:
         return None
     if tuple(mask.shape) != tuple(x.shape[:2]):
         raise ValueError(
@@ -192,3 +192,52 @@ def collect_statistics(
         except AccumulatorMemoryError as e:
             raise e.for_site(name) from e.__cause__
     return out
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs."""
+
+
+def distinct_inputs(model: nn.Module, batches: Iterable[Any], module_name: str) -> int:
+    """How many distinct integer inputs (token ids) the module ``module_name`` (an
+    embedding) receives over ``batches``, not counting positions the batch's
+    ``attention_mask`` masks. Each forward pass stops at that module (it costs one
+    embedding lookup per batch, not a forward pass).
+
+    An embedding's output rows are rows of its table: a token seen a hundred times is one
+    sample of the table, not a hundred, so this, not the token count, is the sample count
+    of its spectral fit (:func:`rmtkd.capture.sites.fit_samples`)."""
+    module = dict(model.named_modules()).get(module_name)
+    if module is None:
+        raise ValueError(f"the model has no module {module_name!r}")
+    seen: set[int] = set()
+    state: dict[str, Any] = {"mask": None}
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+            raise TypeError(f"{module_name!r} takes {type(ids).__name__} inputs, not integer "
+                            f"ids: it is not a token embedding")
+        mask = state["mask"]
+        if mask is not None and tuple(mask.shape) == tuple(ids.shape):
+            ids = ids[mask.to(ids.device) != 0]
+        seen.update(torch.unique(ids).tolist())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                args, kwargs, mask = split_batch(batch)
+                args, kwargs = batch_to(args, kwargs, model_device(model))
+                state["mask"] = mask
+                try:
+                    forward(model, args, kwargs, i)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return len(seen)

@@ -111,6 +111,12 @@ class CompressConfig:
     rolled-back step.
     rank_rule: how k is chosen at each site (:mod:`rmtkd.rank_rules`): "mp", "energy:<f>"
     or "uniform:<r>"; value sites fit k per key-value head.
+    past_edge: spend the whole-model budget. s > 1: each site first tries a cut past its
+    rule's edge that keeps ``1 / s`` of the rule's k (rounded up), kept when the metric stays
+    within the site's share of the budget left (the slack above ``original - epsilon``
+    divided by the sites left, this one included); otherwise the rule's own k is tried,
+    judged against the whole epsilon. After a deep attempt fails, the next sites go half as
+    far past the edge (s -> 1 + (s - 1) / 2). None: the rule's k only (the paper's).
     seed: every random choice of step i is seeded from (seed, i).
     blockwise: the block-wise strategy's settings (:class:`BlockwiseSettings`).
     """
@@ -143,6 +149,7 @@ class CompressConfig:
     max_steps: int | None = None
     on_violation: str = "skip"
     rank_rule: str = "mp"
+    past_edge: float | None = None
     seed: int = 0
     progress: bool = True
     blockwise: BlockwiseSettings = field(default_factory=BlockwiseSettings)
@@ -187,6 +194,10 @@ class CompressConfig:
         if not 0.0 <= self.rho_min <= 1.0:
             raise ValueError(f"rho_min must be in [0, 1], got {self.rho_min}")
         parse_rule(self.rank_rule)
+        if self.past_edge is not None and not (math.isfinite(self.past_edge)
+                                               and self.past_edge > 1.0):
+            raise ValueError(f"past_edge must be > 1 (how many times deeper than the rank "
+                             f"rule's cut to try first) or None, got {self.past_edge}")
         self.blockwise.validate()
 
     def resolved(self, strategy: str) -> "CompressConfig":

@@ -160,10 +160,14 @@ def plan_cut(site: Site, stats: Any, n: int, cfg: Any, *, kv_heads: int | None =
     return Cut(site, fit, fit.k, fit.k, None, stats)
 
 
-def backed_off(k: int, d: int, share: float) -> int:
-    """k when only ``share`` (0..1) of the ``d - k`` directions the site's rule cuts are cut:
-    1 is the rule's own k, 0 keeps everything."""
-    return d - int(math.floor((d - k) * share + 1e-9))
+def backed_off(k: int, d: int, share: float, least: int = 0) -> int:
+    """The k of an attempt at ``share`` of a site whose rule keeps k of d. ``share <= 1``:
+    ``share`` of the ``d - k`` directions the rule cuts are cut (1: the rule's own k, 0:
+    everything kept); ``share > 1``: past the rule's edge, ``1 / share`` of its k is kept
+    (rounded up). Never below ``least``."""
+    if share > 1.0:
+        return max(least, math.ceil(k / share - 1e-9))
+    return max(least, d - int(math.floor((d - k) * share + 1e-9)))
 
 
 def reduction(cut: Cut, cfg: Any, share: float = 1.0) -> Reduction | None:
@@ -177,9 +181,7 @@ def reduction(cut: Cut, cfg: Any, share: float = 1.0) -> Reduction | None:
         if sum(ks) < 1:
             return None
         return head_reduction(site.name, site.module_name, st.cov, len(ks), ks, mean=mean)
-    k = backed_off(cut.k, cut.d, share)
-    if k < 1:
-        return None
+    k = backed_off(cut.k, cut.d, share, least=1)
     if share == 1.0 and cut.basis is None and cut.fit is not None and \
             cut.fit.eigenvectors is not None and cut.fit.k >= k:
         return Reduction.from_fit(site, cut.fit, st, cfg.mode, cfg.width_surgery)
@@ -218,7 +220,7 @@ def attempt_k(cut: Cut, share: float) -> tuple[int, list[int] | None]:
         hd = cut.d // len(cut.head_ks)
         ks = [backed_off(k, hd, share) for k in cut.head_ks]
         return sum(ks), ks
-    return backed_off(cut.k, cut.d, share), None
+    return backed_off(cut.k, cut.d, share, least=1), None
 
 
 def record(cut: Cut, mode: str, params: int, metric: float, rank_rule: str,

@@ -11,7 +11,9 @@ to deep. Per site (:func:`rmtkd.engine.loop.run`):
 3. stop if k/d < rho_min; cut (a cut that would not reduce parameters is skipped);
 4. self-distil from the teacher (or the original model, ``distil_from``);
 5. the budget: if the metric dropped more than ``epsilon`` points below the original
-   model's, or became NaN, roll back to the teacher; ``on_violation`` "stop" ends the run;
+   model's, or became NaN, roll back to the teacher; ``on_violation`` "stop" ends the run.
+   With ``past_edge`` the site first tries a deeper cut than its rule's, kept when it
+   spends at most the site's share of the budget left (else the rule's k follows);
 6. stop once ``params <= param_target * original`` or ``max_steps`` steps were tried.
 
 Under torch.distributed (a process group of more than one rank) calibration is sharded and
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from ..adapters import TransformerAdapter, adapter_for
-from ..capture import collect_statistics, find_sites
+from ..capture import collect_statistics, distinct_inputs, find_sites
 from ..capture.sites import batch_size, fit_samples, model_device
 from ..checkpoint import load_checkpoint, write_checkpoint
 from ..collectives import agree, all_or_none, check_same, check_same_plan, is_distributed, \
@@ -206,6 +208,8 @@ class WholeModel(Strategy):
         self.checkpoint_dir, self.resuming = checkpoint_dir, resume
         self.finished = False
         self._fp = None
+        self.depth = cfg.past_edge   # how far past the edge the next site tries first
+        self.shares = [1.0]
 
     # -------------------------------------------------------------- setup
     def _units(self) -> list[Unit]:
@@ -241,7 +245,7 @@ class WholeModel(Strategy):
         fits = {n: _pack_fit(n, f, tensors) for n, f in self.fits.items()}
         return {"strategy": "whole", "next_step": next_index, "finished": finished,
                 "plan": plan, "history": [r.to_dict() for r in self.history], "fits": fits,
-                "current_metric": self.current_metric,
+                "current_metric": self.current_metric, "depth": self.depth,
                 "original_metric": self.original_metric,
                 "original_params": self.original_params,
                 "config": self.cfg.fingerprint_dict(),
@@ -276,6 +280,7 @@ class WholeModel(Strategy):
                 self.history = [StepRecord.from_dict(d) for d in state["history"]]
                 self.fits = {n: _unpack_fit(n, d, tensors) for n, d in state["fits"].items()}
                 self.current_metric = state["current_metric"]
+                self.depth = state.get("depth", self.cfg.past_edge)
                 start, self.finished = state["next_step"], state["finished"]
             if self.multi:   # every rank read the checkpoint: all must resume alike
                 check_same([start, self.finished], "resume point (next step, finished) in "
@@ -316,7 +321,8 @@ class WholeModel(Strategy):
         _contiguous_(self.model)   # as a model read back from a checkpoint: same bits
         site = unit.sites[0]
         module = self.model.get_submodule(site.module_name)
-        attr = ("in_channels" if isinstance(module, nn.Conv2d) else "in_features") \
+        attr = "embedding_dim" if site.kind == "embedding" else \
+            ("in_channels" if isinstance(module, nn.Conv2d) else "in_features") \
             if site.where == "input" else \
             ("out_channels" if isinstance(module, nn.Conv2d) else "out_features")
         unit.sites = [type(site)(site.name, site.module_name, site.kind,
@@ -328,8 +334,11 @@ class WholeModel(Strategy):
         collect = collect_sharded_statistics if self.multi else collect_statistics
         stats = collect(self.model, self.calib, [site], progress=False,
                         acc_dtype=self.acc_dtype)[site.name]
-        return {site.name: (stats, fit_samples(site, stats.n, self.n_calib,
-                                               self.cfg.conv_samples))}
+        if site.kind == "embedding":   # a repeated token is one sample of the table
+            n = min(stats.n, distinct_inputs(self.model, self.calib, site.module_name))
+        else:
+            n = fit_samples(site, stats.n, self.n_calib, self.cfg.conv_samples)
+        return {site.name: (stats, n)}
 
     def metric(self) -> float:
         return self.current_metric
@@ -351,6 +360,13 @@ class WholeModel(Strategy):
         if cut.k < 1:
             rec.status, rec.reason = "skipped", ("no spike above the threshold (k = 0): the "
                                                  "site is left as is")
+        # the attempts: past the edge first (when the budget is spent), then the rule's k
+        self.shares = [1.0]
+        if self.depth is not None and cut.k >= 1:
+            k_deep, _ = attempt_k(cut, self.depth)
+            if 1 <= k_deep < cut.k:
+                self.shares = [self.depth, 1.0]
+        self.backoff = len(self.shares) - 1
         return True
 
     def cut(self, unit: Unit, cuts: list[Cut], recs: list[StepRecord], attempt: int
@@ -358,7 +374,7 @@ class WholeModel(Strategy):
         cut, rec = cuts[0], recs[0]
         if cut.k < 1:
             return False
-        share = 0.5 ** attempt   # each back-off cuts half of what the previous one did
+        share = self.shares[attempt]
         rec.k, rec.head_ks = attempt_k(cut, share)
         rec.attempt, rec.share = attempt, share
         rec.energy = kept_energy(cut, rec.k, rec.head_ks)
@@ -373,7 +389,8 @@ class WholeModel(Strategy):
             rec.reason = "nothing to cut" if result is None else result.reason
             return False
         self._last = result
-        rec.status, rec.reason = "applied", result.reason
+        before = f"{rec.reason}; then " if attempt else ""   # why the last attempt failed
+        rec.status, rec.reason = "applied", before + result.reason
         rec.params_after = n_params(self.model)
         rec.metric_reduced = self._metric(self.model)
         return True
@@ -402,9 +419,16 @@ class WholeModel(Strategy):
         if math.isnan(rec.metric_after):
             return "the distilled model's outputs are NaN/Inf"
         drop = self.original_metric - rec.metric_after
+        deep = f"{rec.share:g}x past the edge: " if rec.share > 1.0 else ""
         if drop > self.cfg.epsilon:
-            return (f"metric {rec.metric_after:.2f} is {drop:.2f} points below the original "
-                    f"{self.original_metric:.2f} (epsilon = {self.cfg.epsilon})")
+            return (f"{deep}metric {rec.metric_after:.2f} is {drop:.2f} points below the "
+                    f"original {self.original_metric:.2f} (epsilon = {self.cfg.epsilon})")
+        if deep:   # past the edge: at most this site's share of the budget left
+            slack = self.current_metric - (self.original_metric - self.cfg.epsilon)
+            floor = self.current_metric - max(slack, 0.0) / (len(self.units) - unit.index)
+            if rec.metric_after < floor:
+                return (f"{deep}metric {rec.metric_after:.2f} is below {floor:.2f}, this "
+                        f"site's share of the budget left")
         return None
 
     def accept(self, unit: Unit, recs: list[StepRecord]) -> None:
@@ -414,6 +438,8 @@ class WholeModel(Strategy):
     def rollback(self, unit: Unit, recs: list[StepRecord]) -> None:
         self.model = self.teacher   # the model just before this step
         self.teacher = copy.deepcopy(self.model).eval()
+        if recs[0].share > 1.0:   # too deep here: the next sites go half as far past
+            self.depth = 1.0 + (self.depth - 1.0) / 2
 
     def finish(self, unit: Unit, recs: list[StepRecord]) -> None:
         recs[0].params_after = n_params(self.model)

@@ -21,6 +21,8 @@ Contents:
   drops the padding first). Their ``index`` buffer is not persistent: it is rebuilt from
   ``head_dims`` (:func:`refresh_buffers`).
 - :class:`ProjectedLinear`: ``y = (x @ V) @ W.T + bias`` (parameters ``V``, ``W``, ``bias``).
+- :class:`FactorizedEmbedding`: a token embedding of rank k, ``proj(embed(ids))``, recorded
+  as ``config.rmtkd_embedding = {"rank": k}`` with its path in ``rmtkd_layout["embedding"]``.
 - :func:`reshape`: reshape a freshly built model from ``config.rmtkd_blocks`` (per block:
   ``{"mlp": inner width, "value_heads": kept dims per key-value head or None, "ranks":
   {linear: rank}, "biases": {linear: has bias}}``) and ``config.rmtkd_layout`` (the block
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BLOCKS_KEY = "rmtkd_blocks"
+EMBEDDING_KEY = "rmtkd_embedding"
 LAYOUT_KEY = "rmtkd_layout"
 LAYOUT_FORMAT = "rmtkd-layout"
 LAYOUT_VERSION = 1
@@ -48,7 +51,8 @@ CLASS_PREFIX = "Rmtkd"
 
 __all__ = ["HeadPaddedLinear", "HeadSelectLinear", "ProjectedLinear", "kept_index",
            "reshape", "reshape_block", "refresh_buffers", "rmtkd_model_class",
-           "module_has_bias", "set_attr", "BLOCKS_KEY", "LAYOUT_KEY"]
+           "module_has_bias", "set_attr", "BLOCKS_KEY", "LAYOUT_KEY", "EMBEDDING_KEY",
+           "FactorizedEmbedding"]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -179,6 +183,52 @@ class ProjectedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
+
+
+class FactorizedEmbedding(nn.Module):
+    """A token-embedding table of rank ``rank``: ``proj(embed(ids))``, i.e. the rows of the
+    (num_embeddings x rank) table ``embed.weight`` mapped to ``embedding_dim`` by the
+    Linear ``proj`` (weight (embedding_dim x rank), bias (embedding_dim,)).
+    ``(V x d) -> (V x k) + (k x d) + d`` parameters. ``padding_idx`` as nn.Embedding's
+    (its row gets no gradient)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int,
+                 padding_idx: int | None = None, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank = (
+            int(num_embeddings), int(embedding_dim), int(rank))
+        if not 1 <= self.rank <= self.embedding_dim:
+            raise ValueError(f"FactorizedEmbedding: need 1 <= rank <= embedding_dim = "
+                             f"{embedding_dim}; got rank={rank}")
+        kw = {"device": device, "dtype": dtype}
+        self.padding_idx = padding_idx
+        self.embed = nn.Embedding(self.num_embeddings, self.rank, padding_idx=padding_idx,
+                                  **kw)
+        self.proj = nn.Linear(self.rank, self.embedding_dim, **kw)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(ids))
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+                f"rank={self.rank}, padding_idx={self.padding_idx}")
+
+
+def reshape_embedding(model: nn.Module, path: str, record: dict) -> None:
+    """Replace the token embedding at ``path`` by a :class:`FactorizedEmbedding` of the
+    recorded ``{"rank": k}`` (a no-op when it already is one of that rank)."""
+    old = get(model, path)
+    rank = int(record["rank"])
+    if isinstance(old, FactorizedEmbedding) and old.rank == rank:
+        return
+    if not isinstance(old, (nn.Embedding, FactorizedEmbedding)):
+        raise ValueError(f"{EMBEDDING_KEY}: {path!r} is not an embedding of "
+                         f"{type(model).__name__}")
+    ref = _weight(old) if isinstance(old, nn.Embedding) else old.proj.weight
+    new = FactorizedEmbedding(old.num_embeddings, old.embedding_dim, rank,
+                              getattr(old, "padding_idx", None), device=ref.device,
+                              dtype=ref.dtype)
+    set_attr(model, path, new.train(old.training))
 
 
 # ----------------------------------------------------------------------------- walking
@@ -318,10 +368,20 @@ def reshape(model: nn.Module, blocks: list[dict] | None = None, layout: dict | N
     config = getattr(model, "config", None)
     if blocks is None:
         blocks = _config_value(config, BLOCKS_KEY)
-    if not blocks:
+    embedding = _config_value(config, EMBEDDING_KEY)
+    if not blocks and not embedding:
         return model
     if layout is None:
         layout = _config_value(config, LAYOUT_KEY)
+    if embedding:
+        path = layout.get("embedding") if isinstance(layout, dict) else None
+        if not isinstance(path, str):
+            raise ValueError(f"the config records a factorised embedding ({EMBEDDING_KEY}) "
+                             f"but its layout ({LAYOUT_KEY}) names no embedding path; save "
+                             f"the model again with a current rmtkd")
+        reshape_embedding(model, path, embedding)
+    if not blocks:
+        return model
     if not isinstance(layout, dict) or not isinstance(layout.get("blocks"), list):
         raise ValueError(f"the config records reduced widths ({BLOCKS_KEY}) but no block "
                          f"layout ({LAYOUT_KEY}); save the model again with a current rmtkd")

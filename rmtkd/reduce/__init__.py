@@ -59,14 +59,17 @@ def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Mo
     name = reduction.module_name
     if isinstance(ad, TransformerAdapter):
         dim = ad.dim_for(model, reduction.site, name)
+        if dim is not None and dim.kind == "embedding_rank":   # a factorisation in any mode
+            return dim_replacements(model, dim, reduction)
         if reduction.mode == "width":
             if dim is None:
                 sites = [d.site_name for d in ad.coupled_dims(model)]
                 raise UnsupportedModuleError(
                     f"cannot cut {reduction.site!r} in width mode: in this {ad.layout.family} "
-                    f"model the reducible dimensions are each block's value width and MLP "
-                    f"inner width (sites {', '.join(sites[:2])}, ...); embeddings, query, "
-                    f"key, pooler and head are left alone")
+                    f"model the reducible dimensions are the token-embedding rank and each "
+                    f"block's value width and MLP inner width (sites "
+                    f"{', '.join(sites[:3])}, ...); query, key, pooler and head are left "
+                    f"alone")
             return dim_replacements(model, dim, reduction)
         if dim is None or dim.where != "input":
             sites = [d.site_name for d in ad.coupled_dims(model) if d.where == "input"]

@@ -37,12 +37,14 @@ from torch import nn
 from ..adapters import TransformerAdapter, adapter_for, get
 from ..adapters.base import BlockSpec, CoupledDim
 from ..capture import Site
-from ..hf.modeling_rmtkd import module_has_bias, reshape, set_attr
+from ..hf.modeling_rmtkd import EMBEDDING_KEY, FactorizedEmbedding, module_has_bias, \
+    reshape, set_attr
 from ..nn import ProjectedLinear
 from .heads import (HeadPaddedLinear, HeadSelectLinear, dense_out, dense_value, f64,
                     head_bases, top_eigenvectors)
 from .maths import (ELEMENTWISE, PASSTHROUGH, Reduction, UnsupportedModuleError,
                     check_orthonormal, n_params, select_units, set_module, width_maps)
+from .embedding import factorize_embedding
 from .mlp import _linear, project_linear
 
 WIDTHS_KEY = "rmtkd_blocks"
@@ -340,6 +342,9 @@ def project_block_linear(block: nn.Module, name: str, basis: torch.Tensor,
 def dim_site(dim: CoupledDim, model: nn.Module) -> Site:
     """The capture :class:`Site` of a coupled dimension (its current size)."""
     module = model.get_submodule(dim.capture)
+    if dim.kind == "embedding_rank":
+        return Site(dim.site_name, dim.capture, "embedding", int(module.embedding_dim),
+                    dim.where)
     attr = "in_features" if dim.where == "input" else "out_features"
     return Site(dim.site_name, dim.capture, "linear", int(getattr(module, attr)), dim.where)
 
@@ -353,6 +358,8 @@ def block_sites(block: nn.Module) -> list[Site]:
 def dim_replacements(model: nn.Module, dim: CoupledDim, reduction: Reduction
                      ) -> dict[str, nn.Module]:
     """``{full name: new module}`` applying a width ``reduction`` to the coupled ``dim``."""
+    if dim.kind == "embedding_rank":
+        return {dim.capture: factorize_embedding(model.get_submodule(dim.capture), reduction)}
     block = model.get_submodule(dim.block.name) if dim.block.name else model
     spec = dim.block
     if dim.kind == "mlp_width":
@@ -398,6 +405,10 @@ def record_widths(model: nn.Module) -> list[dict] | None:
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, WIDTHS_KEY, widths)
+        emb = ad.token_embedding(model)
+        emb = None if emb is None else model.get_submodule(emb)
+        if isinstance(emb, FactorizedEmbedding):
+            setattr(config, EMBEDDING_KEY, {"rank": emb.rank})
     return widths
 
 
@@ -434,8 +445,8 @@ def apply_widths(model: nn.Module, widths: list[dict] | None = None) -> nn.Modul
     if widths is None:
         widths = getattr(config, WIDTHS_KEY, None) or \
             _legacy_widths(config, len(ad.block_modules(model)))
-    if not widths:
+    if not widths and not getattr(config, EMBEDDING_KEY, None):
         return model
-    return reshape(model, list(widths), ad.layout_record(model), projected=ProjectedLinear,
-                   empty=True)
+    return reshape(model, list(widths or []), ad.layout_record(model),
+                   projected=ProjectedLinear, empty=True)
 

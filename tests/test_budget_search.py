@@ -1,0 +1,99 @@
+"""Spending the whole-model budget (``CompressConfig.past_edge``): cuts past the MP edge
+where the budget holds, the rule's k where it breaks, a budget of 0 changes nothing, a
+tight budget is met, and a resumed job goes on with the same depth."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rmtkd import CompressConfig, compress
+from rmtkd.engine import whole
+from rmtkd.examples import digits_mlp_data, train_digits_mlp
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model, _ = train_digits_mlp(seed=0, progress=False)
+    train, _, test = digits_mlp_data(seed=0)
+    return model, train, test
+
+
+def _cfg(**kw) -> CompressConfig:
+    return CompressConfig(progress=False, distill_epochs=1, distill_min_steps=30, **kw)
+
+
+def _outputs(model: nn.Module, batches) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.eval()(x) for x, _ in batches])
+
+
+def test_with_room_every_site_cuts_past_the_edge(digits):
+    model, train, test = digits
+    edge = compress(model, train, eval_data=test, config=_cfg(epsilon=100.0))
+    deep = compress(model, train, eval_data=test, config=_cfg(epsilon=100.0, past_edge=2.0))
+    for e, r in zip(edge.history, deep.history):
+        assert e.k == e.mp_k and e.share == 1.0 and e.status == "applied"
+        assert r.status == "applied" and r.share == 2.0 and r.attempt == 0
+        assert r.mp_k == e.mp_k and r.k == -(-r.mp_k // 2) < r.mp_k
+    assert deep.final_params < edge.final_params
+
+
+def test_without_past_edge_the_rule_is_the_papers(digits):
+    model, train, test = digits
+    res = compress(model, train, eval_data=test, config=_cfg(epsilon=100.0))
+    assert all(r.k == r.mp_k == res.fits[r.site].k for r in res.history)
+
+
+def test_a_budget_of_zero_leaves_the_model_unchanged(digits):
+    model, train, test = digits
+    # cosine to the original: any cut is below 100%, so nothing fits a budget of 0
+    res = compress(model, train, eval_data=test,
+                   config=_cfg(task="embedding", epsilon=0.0, past_edge=2.0))
+    assert res.history and all(r.status == "rolled back" for r in res.history)
+    first, second = res.history   # each tried past the edge first; the depth then halved
+    assert "2x past the edge" in first.reason and "1.5x past the edge" in second.reason
+    assert res.final_params == res.original_params and res.plan == []
+    assert torch.equal(_outputs(res.model, test), _outputs(model, test))
+
+
+def test_a_tight_budget_is_met_and_the_depth_halves_where_it_breaks(digits):
+    model, train, test = digits
+    # 50x past the edge keeps 1 of the ~35 spike directions: far outside a 1-point budget
+    res = compress(model, train, eval_data=test, config=_cfg(epsilon=1.0, past_edge=50.0))
+    first, second = res.history
+    assert res.original_metric - res.final_metric <= 1.0
+    assert "50x past the edge" in first.reason and "rolled back" in first.reason
+    assert first.status in ("applied", "rolled back") and first.share == 1.0
+    assert first.k == first.mp_k   # the rule's own cut was the second attempt
+    # the next site tried 1 + 49 / 2 = 25.5x first
+    assert "25.5x past the edge" in second.reason or second.share == 25.5
+
+
+def test_a_resumed_job_keeps_its_depth(digits, tmp_path, monkeypatch):
+    model, train, test = digits
+    cfg = _cfg(epsilon=1.0, past_edge=50.0)
+    ref = compress(model, train, eval_data=test, config=cfg)
+    calls = {"n": 0}
+    real = whole.WholeModel.prepare
+
+    def dies_at_the_second_site(self, unit):
+        if unit.index == 1 and calls["n"] == 0:
+            calls["n"] += 1
+            raise KeyboardInterrupt
+        return real(self, unit)
+
+    monkeypatch.setattr(whole.WholeModel, "prepare", dies_at_the_second_site)
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, train, eval_data=test, config=cfg, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(whole.WholeModel, "prepare", real)
+    res = compress(model, train, eval_data=test, config=cfg, checkpoint_dir=tmp_path,
+                   resume=True)
+    assert [r.to_dict() | {"seconds": 0} for r in res.history] == \
+        [r.to_dict() | {"seconds": 0} for r in ref.history]
+    assert torch.equal(_outputs(res.model, test), _outputs(ref.model, test))
+
+
+def test_past_edge_must_be_above_one():
+    with pytest.raises(ValueError, match="past_edge"):
+        CompressConfig(past_edge=1.0).validate()
