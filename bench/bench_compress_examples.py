@@ -7,6 +7,9 @@ bench/results/compress_examples-<host>-<time>.json with every report.json summar
 
     python bench/bench_compress_examples.py --example digits-mlp --seeds 0 1 2
     python bench/bench_compress_examples.py --example mnist-cnn --seeds 0
+    python bench/bench_compress_examples.py --example digits-mlp -- --epsilon 1 --past-edge 2
+
+Arguments after ``--`` go to ``rmtkd compress`` as they are (recorded in the JSON).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_table, write_json  # noqa: E402
 
 
-def run(example: str, seed: int, threads: int) -> dict:
+def run(example: str, seed: int, threads: int, extra: list[str]) -> dict:
     from rmtkd.cli import main
 
     torch.set_num_threads(threads)
@@ -31,13 +34,14 @@ def run(example: str, seed: int, threads: int) -> dict:
         out = Path(tmp) / "report"
         t0 = time.perf_counter()
         main(["compress", "--example", example, "--seed", str(seed), "--quiet",
-              "--out", str(out)])
+              "--out", str(out), *extra])
         wall = time.perf_counter() - t0
         report = json.loads((out / "report.json").read_text())
     s = report["summary"]
     return {"example": example, "seed": seed, "wall_seconds": wall,
             "summary": {k: v for k, v in s.items() if k != "table"}, "table": s["table"],
-            "steps": [{"site": h["site"], "d": h["d"], "k": h["k"], "status": h["status"],
+            "steps": [{"site": h["site"], "d": h["d"], "k": h["k"], "mp_k": h.get("mp_k"),
+                       "share": h.get("share"), "status": h["status"],
                        "metric_reduced": h["metric_reduced"], "metric_after": h["metric_after"]}
                       for h in report["history"]],
             "teacher": report["meta"]}
@@ -48,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--example", default="digits-mlp")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("cli_args", nargs="*", help="after --: passed to rmtkd compress")
     args = ap.parse_args(argv)
-    runs = [run(args.example, seed, args.threads) for seed in args.seeds]
+    runs = [run(args.example, seed, args.threads, args.cli_args) for seed in args.seeds]
     rows = []
     for r in runs:
         s = r["summary"]
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{s['test_metric_after']:.2f}",
                      f"{s['test_metric_after'] - s['test_metric_before']:+.2f}",
                      f"{s['latency_ms_before'] / s['latency_ms_after']:.2f}x",
-                     " ".join(f"{t['d']}->{t['k']}{'' if t['status'] == 'applied' else '*'}"
+                     " ".join(f"{t['d']}->{t['k']}(MP {t['mp_k']})"
+                              f"{'' if t['status'] == 'applied' else '*'}"
                               for t in r["steps"]),
                      f"{r['wall_seconds']:.0f}"])
     headers = ["seed", "params", "after", "reduction %", "test before", "test after", "delta",
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(headers, rows)
     path = write_json("compress_examples", {
         "bench": "compress_examples", "example": args.example, "seeds": args.seeds,
+        "cli_args": args.cli_args,
         "command": "python bench/bench_compress_examples.py "
                    + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(), "runs": runs, "table": {"headers": headers, "rows": rows}})

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epsilon", type=float,
                    help="largest metric drop in points against the original model before "
                    f"a step is rolled back (default {CompressConfig.epsilon})")
+    c.add_argument("--past-edge", type=float, metavar="S",
+                   help="spend the budget: each site first tries a cut past the MP edge "
+                   "keeping 1/S of its k, kept when it costs at most the site's share of "
+                   "the budget left (S > 1; default: none, the MP edge only; Hugging Face "
+                   "text models: 2)")
     c.add_argument("--task", choices=("classification", "embedding", "lm"),
                    help="classification (logits and labels), embedding (match the original "
                    "outputs) or lm (causal LM, block-wise as compress-llm); default: from "
@@ -516,7 +521,7 @@ def _compress_config(args: argparse.Namespace, job: dict, example_defaults: dict
 
     fields = {**example_defaults, **config_fields(job.get("compress", {}), "[compress]")}
     for flag in ("mode", "epsilon", "task", "estimator", "margin", "solver", "seed",
-                 "conv_samples", "acc_dtype", "data_parallel"):
+                 "conv_samples", "acc_dtype", "data_parallel", "past_edge"):
         if getattr(args, flag) is not None:
             fields[flag] = getattr(args, flag)
     fields["progress"] = not args.quiet

@@ -169,6 +169,10 @@ def fingerprint(model: nn.Module, *batch_lists: Any) -> str:
 
 # ----------------------------------------------------------------------------- strategy
 
+#: past_edge: after a deep cut that held, the next site goes this much further past the
+#: edge (s -> 1 + 1.5 (s - 1)); after one that broke, half as far (s -> 1 + (s - 1) / 2)
+DEPTH_GROWTH = 1.5
+
 class WholeModel(Strategy):
     def __init__(self, model: nn.Module, train_data: Any, eval_data: Any, calib_data: Any,
                  cfg: CompressConfig, checkpoint_dir: Any, resume: bool) -> None:
@@ -434,6 +438,8 @@ class WholeModel(Strategy):
     def accept(self, unit: Unit, recs: list[StepRecord]) -> None:
         self.plan.append(self._last.reduction)
         self.current_metric = recs[0].metric_after
+        if recs[0].share > 1.0:   # the budget held past the edge: the next site goes further
+            self.depth = 1.0 + (self.depth - 1.0) * DEPTH_GROWTH
 
     def rollback(self, unit: Unit, recs: list[StepRecord]) -> None:
         self.model = self.teacher   # the model just before this step

@@ -27,7 +27,7 @@ from .model import HFModel, load_hf_dir
 # outputs cached, teacher_cache_mb), matching the blocks' outputs too
 # (``distill_features: "blocks"``, resolved to the model's blocks by its adapter). On the
 # Rotten Tomatoes example (6 blocks, 10k texts, 2 CPU cores) that is 789 s of compression.
-_DISTIL = {"sites": ["mlp_width"], "lr": 1e-4, "warmup_steps": 30, "distill_epochs": 1,
+_DISTIL = {"sites": ["embedding_rank", "mlp_width"], "past_edge": 2.0, "lr": 1e-4, "warmup_steps": 30, "distill_epochs": 1,
            "distill_min_steps": 0, "distill_max_steps": 100, "distil_from": "original",
            "distill_features": "blocks"}
 #: CompressConfig settings per task for Hugging Face text models (command-line flags and a
