@@ -50,7 +50,8 @@ def main() -> None:
     summary["wall_seconds"] = wall
     if "onnx" in s:
         summary["onnx"] = {str(b): r for b, r in s["onnx"]["batches"].items()}
-    sites = [{"site": r["site"], "d": r["d"], "k": r["k"], "status": r["status"],
+    sites = [{"site": r["site"], "d": r["d"], "k": r["k"], "mp_k": r.get("mp_k"),
+              "share": r.get("share"), "status": r["status"], "reason": r["reason"],
               "metric_after": r["metric_after"], "seconds": r["seconds"]}
              for r in report["history"]]
     for k, v in summary.items():

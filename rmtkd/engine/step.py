@@ -181,7 +181,9 @@ def reduction(cut: Cut, cfg: Any, share: float = 1.0) -> Reduction | None:
         if sum(ks) < 1:
             return None
         return head_reduction(site.name, site.module_name, st.cov, len(ks), ks, mean=mean)
-    k = backed_off(cut.k, cut.d, share, least=1)
+    k = backed_off(cut.k, cut.d, share, least=1 if share > 1.0 else 0)
+    if k < 1:
+        return None
     if share == 1.0 and cut.basis is None and cut.fit is not None and \
             cut.fit.eigenvectors is not None and cut.fit.k >= k:
         return Reduction.from_fit(site, cut.fit, st, cfg.mode, cfg.width_surgery)
@@ -220,7 +222,8 @@ def attempt_k(cut: Cut, share: float) -> tuple[int, list[int] | None]:
         hd = cut.d // len(cut.head_ks)
         ks = [backed_off(k, hd, share) for k in cut.head_ks]
         return sum(ks), ks
-    return backed_off(cut.k, cut.d, share, least=1), None
+    # past the edge a site keeps at least one direction; k = 0 (no spike) stays 0
+    return backed_off(cut.k, cut.d, share, least=1 if share > 1.0 else 0), None
 
 
 def record(cut: Cut, mode: str, params: int, metric: float, rank_rule: str,
