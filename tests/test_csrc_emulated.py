@@ -10,7 +10,7 @@ padding around every input (strided-row padding, masked-out rows, past the end) 
 rows after every output, so indexing, bounds, barrier, mask, shift, split and rounding bugs
 show up as NaN, as a changed sentinel or as error.
 
-Comparisons (DESIGN.md "Tests"): relative error ||out - ref|| / ||ref|| against float64.
+Comparisons (the design's test contract): relative error ||out - ref|| / ||ref|| against float64.
 - fp32 and the documented low-precision contract (centred values / t rounded to the dtype,
   products exact in fp32): the fp32 accumulation level, FP32_TOL.
 - fp16 / bf16 against the exact float64 result of the unrounded values: the kernel's error
@@ -406,7 +406,8 @@ def test_projected_linear(emu, device, dt, shape):
     contract = (x.double() @ v.double()).to(dt).double() @ w.double().T + bias64
     err_c = _rel(y, contract)
     assert err_c <= unit, f"error {err_c:.3g} vs rounded-t reference > unit roundoff {unit:.3g}"
-    # DESIGN.md: within twice the error of torch's own two-GEMM computation in this dtype
+    # the design's contract: within twice the error of torch's own two-GEMM computation in
+    # this dtype
     lowp = (x @ v) @ w.T + (b if b is not None else 0)
     err, err_lp = _rel(y, exact), _rel(lowp, exact)
     assert err <= 2 * err_lp + FP32_TOL, f"error {err:.3g} vs torch {dt} {err_lp:.3g}"

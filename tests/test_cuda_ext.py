@@ -9,8 +9,9 @@ clear RuntimeErrors; opcheck on the solver op; dispatch errors without CUDA.
 GPU part (``cuda_ext`` marks: a CUDA device plus nvcc and ninja): each CUDA op against a
 float64 torch reference on fresh random inputs, odd and large shapes, fp32/fp16/bf16, outputs
 poisoned with NaN before the call; the fp16/bf16 error is compared with the error of the same
-reference computed from the low-precision values (DESIGN.md, Tests); opcheck on every op; the
-backends of CovarianceAccumulator / projected_linear / spikes; the CuPy round trip.
+reference computed from the low-precision values (the design's test contract); opcheck on
+every op; the backends of CovarianceAccumulator / projected_linear / spikes; the CuPy round
+trip.
 """
 from __future__ import annotations
 

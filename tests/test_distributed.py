@@ -257,4 +257,15 @@ def test_cli_compress_under_torchrun(tmp_path):
     assert report["meta"]["distributed"].startswith("2 ranks")
     assert len(report["history"]) == 2
     assert not (tmp_path / ".report.checkpoint").exists()   # removed once the job is done
-    assert rmtkd.load(out / "model") is not None
+    # the written model is the job's final model: its parameter count and its accuracy on
+    # the validation split are the ones the job reported (the original's is 100%: y is its
+    # own argmax)
+    loaded = rmtkd.load(out / "model")
+    assert sum(p.numel() for p in loaded.parameters()) == report["final_params"] < \
+        report["original_params"] == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        logits = loaded(x[200:])
+        acc = 100.0 * float((logits.argmax(-1) == y[200:]).double().mean())
+        assert float((logits - model(x[200:])).norm()) > 1e-3   # not the original weights
+    assert report["original_metric"] == 100.0
+    assert acc == pytest.approx(report["final_metric"], abs=1e-9)

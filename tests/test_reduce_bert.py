@@ -16,6 +16,7 @@ from rmtkd.nn import ProjectedLinear  # noqa: E402
 from rmtkd.reduce import (HeadPaddedLinear, HeadSelectLinear, Reduction,  # noqa: E402
                           UnsupportedModuleError, apply_widths, head_reduction,
                           reduce_site)
+from rmtkd.reduce.maths import select_units  # noqa: E402
 
 H, HEADS, HD, FF, L = 32, 4, 8, 64, 2
 
@@ -81,18 +82,68 @@ def test_ffn_width_full_permutation_is_exact():
     assert [b['mlp'] for b in model.config.rmtkd_blocks] == [FF, FF]
 
 
-def test_ffn_width_k_lt_d_shapes_params_and_runs():
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def spd(d, seed):
+    A = torch.randn(d, d, generator=torch.Generator().manual_seed(seed))
+    return A @ A.T / d + 0.1 * torch.eye(d)
+
+
+def select_hook(model, name, units, recon, mean):
+    """Reference of a selecting width cut: the consumer's input x replaced by its
+    reconstruction from the kept units S, mean + R (x_S - mean_S)."""
+    def hook(_module, args):
+        x = args[0]
+        return (mean + (x[..., units] - mean[units]) @ recon.T,) + tuple(args[1:])
+    model.get_submodule(name).register_forward_pre_hook(hook)
+    return model
+
+
+def rotate_hook(model, intermediate, basis, mean):
+    """Reference of a rotating width cut of ``output.dense(act(intermediate.dense(h)))``: the
+    producer keeps z U (k values), the activation runs on those, and the consumer reads
+    (I - U U^T) mean + U act(U^T z)."""
+    residual = mean - basis @ (basis.T @ mean)
+
+    def hook(module, args, _out):
+        z = module.dense(args[0])
+        return residual + module.intermediate_act_fn(z @ basis) @ basis.T
+    model.get_submodule(intermediate).register_forward_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("surgery", ["select", "rotate"])
+def test_ffn_width_k_lt_d_matches_reference(surgery):
+    """A width cut at k < d: shapes, parameters, and the outputs of the float64 reference
+    (the original model with the consumer's input rebuilt as the surgery says)."""
     model = bert(BertForSequenceClassification)
+    uncut = out(model)
     before = count(model)
-    name = "bert.encoder.layer.1.output.dense"
+    layer_name = "bert.encoder.layer.1"
+    name = f"{layer_name}.output.dense"
     k = 20
-    res = reduce_site(model, Reduction("s", name, "width", FF, k, orth(FF, k), torch.randn(FF)))
+    U = orth(FF, k, seed=8)
+    mean = torch.randn(FF, generator=torch.Generator().manual_seed(9))
+    reference = copy.deepcopy(model)
+    if surgery == "select":
+        units, recon = select_units(spd(FF, 10), U)
+        select_hook(reference, name, units, recon, mean)
+    else:
+        units = recon = None
+        rotate_hook(reference, f"{layer_name}.intermediate", U, mean)
+    res = reduce_site(model, Reduction("s", name, "width", FF, k, U, mean, units, recon,
+                                       surgery))
     assert res.applied
     layer = model.bert.encoder.layer[1]
     assert layer.intermediate.dense.out_features == k and layer.output.dense.in_features == k
+    # producer: H x k + k; consumer: k x H + H (the mean term folds into its bias)
     saved = (H * FF + FF + FF * H) - (H * k + k + k * H)
     assert count(model) == res.params_after == before - saved
-    assert out(model).shape == (3, 2) and torch.isfinite(out(model)).all()
+    got, want = out(model), out(reference)
+    assert rel(got, want) < 1e-10
+    assert rel(want, uncut) > 1e-3        # the cut changed the model: the check can fail
     assert [b['mlp'] for b in model.config.rmtkd_blocks] == [FF, k]
     model.train()
     model(**inputs()).logits.sum().backward()  # trainable afterwards
@@ -148,10 +199,14 @@ def test_attention_width_k_lt_head_dim_exact_projection(ks):
     torch.testing.assert_close(out(model), out(reference), rtol=0, atol=1e-10)
     dims = [ks] * HEADS if isinstance(ks, int) else ks
     assert [b['value_heads'] for b in model.config.rmtkd_blocks] == [None, dims]
-    # reducing the same site again (now a HeadSelectLinear consumer) composes
+    # reducing the same site again (now a HeadSelectLinear consumer, its input the padded
+    # context) composes: the cut model with that input x replaced by P2 x (no mean)
     red2 = head_reduction("s", name, A @ A.T, HEADS, [min(1, d) for d in dims])
+    reference2 = project_hook(copy.deepcopy(model), name, red2.basis, torch.zeros(H))
+    once = out(model)
     assert reduce_site(model, red2).applied
-    assert torch.isfinite(out(model)).all()
+    assert rel(out(model), out(reference2)) < 1e-10
+    assert rel(out(reference2), once) > 1e-3
 
 
 def test_attention_project_is_exact():
@@ -209,39 +264,81 @@ def test_import_rmtkd_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def plant_value_spikes(model, batches, ranks, signal=1.0, noise=0.05, seed=7):
+    """Make the per-head covariance of layer 0's attention context (the input of
+    attention.output.dense) exactly ``signal^2 M_h M_h^T + noise^2 I`` on ``batches``, with
+    M_h (head_dim x r_h) orthogonal columns of norms 1 down to 0.6: r_h spikes far above the
+    Marchenko-Pastur edge of an exactly isotropic bulk, known without fitting anything.
+
+    Zero query / key weights make the attention uniform (full masks), so every token's
+    context in head h is W_h hbar + b_h, hbar the sequence's mean input. Whitening by the
+    covariance C of hbar (C = E L E^T on its range) and W_h = (signal M_h S_h^T + noise
+    N_h^T) L^-1/2 E^T, with [S_h, N_h] orthonormal columns, gives W_h C W_h^T = signal^2
+    M_h M_h^T + noise^2 I.
+    """
+    attn = model.encoder.layer[0].attention.self
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in (attn.query, attn.key):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    seen = []
+    hook = attn.value.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            assert bool(b["attention_mask"].all())
+            model(**b)
+    hook.remove()
+    hbar = torch.cat([h.mean(1, keepdim=True).expand_as(h).reshape(-1, H) for h in seen])
+    hc = hbar - hbar.mean(0)
+    evals, evecs = torch.linalg.eigh(hc.T @ hc / hc.shape[0])
+    keep = evals > 1e-9 * evals.max()      # LayerNorm'ed inputs: hbar sums to ~0, rank H-1
+    whiten = (evecs[:, keep] / evals[keep].sqrt()).T          # (rank, H)
+    rank = int(keep.sum())
+    rows = []
+    for r in ranks:
+        O = torch.linalg.qr(torch.randn(rank, r + HD, generator=g)).Q   # [S_h, N_h]
+        M = torch.linalg.qr(torch.randn(HD, max(r, 1), generator=g)).Q[:, :r]
+        M = M * torch.linspace(1.0, 0.6, max(r, 1))[:r]
+        rows.append((signal * M @ O[:, :r].T + noise * O[:, r:].T) @ whiten)
+    with torch.no_grad():
+        attn.value.weight.copy_(torch.cat(rows))
+    return model
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_compress_fits_attention_sites_per_head():
     """compress on a BERT attention site fits k per head, on each head's diagonal block of
     the site covariance (a global basis would span every head's dimensions and remove
-    nothing); values of rank 2 per head plus weak noise make every head low-rank."""
+    nothing). The site's per-head covariance is planted (:func:`plant_value_spikes`): r_h
+    strong directions over an isotropic bulk, so the right k per head is r_h."""
     import rmtkd
     from rmtkd.capture import collect_statistics, make_site
 
+    ranks = [1, 3, 2, 2]
     model = bert()
-    with torch.no_grad():
-        for layer in model.encoder.layer:
-            g = torch.Generator().manual_seed(7)
-            w = torch.cat([torch.randn(HD, 2, generator=g, dtype=torch.float64)
-                           @ torch.randn(2, H, generator=g, dtype=torch.float64)
-                           for _ in range(HEADS)])
-            layer.attention.self.value.weight.copy_(
-                w + 0.02 * torch.randn(H, H, generator=g, dtype=torch.float64))
     g = torch.Generator().manual_seed(3)
     batches = [{"input_ids": torch.randint(0, 100, (8, 12), generator=g),
                 "attention_mask": torch.ones(8, 12, dtype=torch.long)} for _ in range(6)]
+    plant_value_spikes(model, batches, ranks)
     name = "encoder.layer.0.attention.output.dense"
     site = make_site(name, model.get_submodule(name))
-    stats = collect_statistics(model, batches, [site], progress=False)[site.name]
-    expect = [rmtkd.spikes(stats.cov[h * HD:(h + 1) * HD, h * HD:(h + 1) * HD], stats.n).k
-              for h in range(HEADS)]
-    assert 0 < sum(expect) < H
+    stats = collect_statistics(model, batches, [site], acc_dtype=torch.float64,
+                               progress=False)[site.name]
+    for h, r in enumerate(ranks):   # the planted spectrum, measured
+        block = stats.cov[h * HD:(h + 1) * HD, h * HD:(h + 1) * HD]
+        ev = torch.linalg.eigvalsh(block).flip(0)
+        torch.testing.assert_close(ev[r:], torch.full((HD - r,), 0.05 ** 2), rtol=1e-6,
+                                   atol=0)
+        assert bool((ev[:r] > 0.3).all())
     cfg = rmtkd.CompressConfig(task="embedding", sites=[name], distill_epochs=0,
                                epsilon=100.0, calib_fraction=1.0, progress=False)
     res = rmtkd.compress(model, batches, config=cfg)
     (rec,) = res.history
     assert rec.status == "applied", rec.reason
-    assert rec.k == sum(expect)
+    assert rec.k == sum(ranks)
     value = res.model.encoder.layer[0].attention.self.value
-    assert isinstance(value, HeadPaddedLinear) and list(value.head_dims) == expect
+    assert isinstance(value, HeadPaddedLinear) and list(value.head_dims) == ranks
     assert res.final_params < res.original_params
-    # the context vectors lie (up to the weak noise) in the kept per-head subspaces
+    # the context vectors lie (up to the weak isotropic noise) in the kept per-head subspaces
     assert res.final_metric > 99.0

@@ -263,36 +263,90 @@ def test_mlp_refuses_rotation_and_bad_shapes():
 
 # ----------------------------------------------------------------------------- whole model
 
-def reduce_all(model, mlp_k=40, project=True):
-    st = stats(model)
+Q_BASIS = torch.linalg.qr(torch.randn(HID, 12, generator=torch.Generator().manual_seed(5),
+                                       dtype=torch.float64)).Q
+Q_MEAN = torch.full((HID,), 0.1, dtype=torch.float64)
+
+
+def reduce_all(model, mlp_k=40, project=True, st=None, records=None):
+    """Cut every layer's values (k per kv head from the rank rule) and MLP width (mlp_k
+    units), and project layer 1's q_proj, from ``st`` (default: ``stats(model)``); each
+    layer's ``cut_values`` / ``cut_mlp`` records go to ``records``."""
+    st = stats(model) if st is None else st
     for i, (_, layer) in enumerate(llama_layers(model)):
         mean, cov = st[("v", i)]
         ks = [max(1, k) for k in head_ks(cov, KV, 16 * 32, rmtkd.CompressConfig())]
         assert len(ks) == KV and all(1 <= k <= HD for k in ks)
-        cut_values(layer, mean, cov, ks)
+        rec_v = cut_values(layer, mean, cov, ks)
         mean, cov = st[("mlp", i)]
-        cut_mlp(layer, mean, cov, mlp_k)
+        rec_mlp = cut_mlp(layer, mean, cov, mlp_k)
+        if records is not None:
+            records.append((rec_v, rec_mlp))
     if project:    # one projected Linear (q_proj of layer 1, with a mean: bias added)
         _, layer = llama_layers(model)[1]
-        g = torch.Generator().manual_seed(5)
-        U = torch.linalg.qr(torch.randn(HID, 12, generator=g, dtype=torch.float64)).Q
-        rec = project_block_linear(layer, "self_attn.q_proj", U.to(next(model.parameters())),
-                                   mean=torch.full((HID,), 0.1, dtype=torch.float64))
+        rec = project_block_linear(layer, "self_attn.q_proj",
+                                   Q_BASIS.to(next(model.parameters())), mean=Q_MEAN)
         assert rec["params_after"] < rec["params_before"]
         assert isinstance(layer.self_attn.q_proj, ProjectedLinear)
     return model
 
 
+def reduce_all_reference(model, st, records, project=True):
+    """float64 reference of :func:`reduce_all`: a copy of ``model`` whose values are replaced
+    by mean + P (v - mean), P = blockdiag(U_g U_g^T) of the top k_g eigenvectors per kv head,
+    whose down_proj input x is rebuilt from the kept units S as mean + R (x_S - mean_S) (R:
+    the ridge least-squares regression on S under the site covariance, R[S] = I), and whose
+    projected q_proj reads mean + U U^T (x - mean)."""
+    ref = copy.deepcopy(model).to(torch.float64)
+    for i, (_, layer) in enumerate(llama_layers(ref)):
+        rec_v, rec_mlp = records[i]
+        mean, cov = st[("v", i)]
+        P = torch.block_diag(*[b @ b.T for b in head_bases(cov, rec_v["head_ks"])])
+        layer.self_attn.v_proj.register_forward_hook(
+            lambda mod, a, o, P=P, m=mean: m + (o - m) @ P)
+        mean, cov = st[("mlp", i)]
+        S = torch.tensor(rec_mlp["units"])
+        css = cov[S][:, S]
+        lam = 1e-6 * css.diagonal().mean()       # cut_mlp's default ridge
+        R = cov[:, S] @ torch.linalg.inv(css + lam * torch.eye(len(S), dtype=torch.float64))
+        R[S] = torch.eye(len(S), dtype=torch.float64)
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda mod, a, S=S, R=R, m=mean: (m + (a[0][..., S] - m[S]) @ R.T,))
+    if project:
+        P = Q_BASIS @ Q_BASIS.T
+        llama_layers(ref)[1][1].self_attn.q_proj.register_forward_pre_hook(
+            lambda mod, a: (Q_MEAN + (a[0] - Q_MEAN) @ P,))
+    return ref
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_and_generate_after_reduction(dtype):
+    """Both cuts and a projection at k < d: the reduced model (in ``dtype``) against the
+    float64 reference of the same projections, on every layer's output and the logits;
+    then generation with and without the KV cache."""
+    original = llama()                    # float64; the float32 model holds the same values
+    st = stats(original)
     model = llama(dtype=dtype)
     before = count(model)
-    reduce_all(model)
+    records = []
+    reduce_all(model, st=st, records=records)
     assert count(model) < before
+    assert all(rec_v["k"] < KV * HD and rec_mlp["k"] < FF for rec_v, rec_mlp in records)
+    reference = reduce_all_reference(original, st, records)
     x = ids(2, 7)
+    got, want, uncut = hidden(model, x), hidden(reference, x), hidden(original, x)
+    assert got[-1].shape == want[-1].shape == (2, 7, VOCAB)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for i, (g, w, u) in enumerate(zip(got, want, uncut)):
+        assert g.dtype == dtype
+        assert rel(g, w) < tol, (i, rel(g, w))
+        assert rel(w, u) > 1e-3, i        # the cuts changed every output: the check can fail
     with torch.no_grad():
-        logits = model(input_ids=x).logits
-        assert logits.shape == (2, 7, VOCAB) and torch.isfinite(logits).all()
         cached = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True,
                                 pad_token_id=0)
         plain = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=False,

@@ -77,7 +77,7 @@ class BlockwiseSettings:
 
 @dataclass
 class CompressConfig:
-    """Settings of a compression job (defaults follow the paper, see PAPER.md).
+    """Settings of a compression job (defaults follow the RMT-KD paper, arXiv 2509.15724).
 
     mode: "width" (the paper's: cut producer outputs and consumer inputs to k) or "project"
     (consumer -> rmtkd.nn.ProjectedLinear / 1x1 projection conv).
