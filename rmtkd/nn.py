@@ -47,7 +47,8 @@ class ProjectedLinear(_PlainProjectedLinear):
         out_features: d_out, the size of the last dim of the output.
         rank: k, the number of projection directions, ``1 <= rank <= in_features``.
         bias: learn an additive bias of shape (out_features,).
-        backend: ``"auto"`` (torch on every device: the fused kernels run only when asked for; ``RMTKD_BACKEND`` overrides),
+        backend: ``"auto"`` (torch on every device: the fused kernels run only when asked
+            for; ``RMTKD_BACKEND`` overrides),
             ``"torch"`` or ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``). Checked when
             the layer runs, so a layer built on CPU may be moved to the GPU first.
         device, dtype: of the parameters.
