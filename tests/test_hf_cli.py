@@ -98,10 +98,11 @@ def test_compress_hf_dir_and_csv_loads_with_transformers(hf_dir, tmp_path, capsy
     assert report["meta"]["rows"] == {"train": 288, "val": 32, "test": 64}
     assert report["meta"]["test_data"] == str(hf_dir / "test.csv")
     assert report["summary"]["final_params"] < report["summary"]["original_params"]
-    # the sites are the MLP inner widths only (the task defaults), none calibrated to be
-    # skipped for being of another kind
-    assert {r["site"].split(":")[0].rsplit(".", 2)[-2:][0] for r in report["history"]} == \
-        {"output"}
+    # the sites are the task defaults' kinds only: the token-embedding rank, then each
+    # block's MLP inner width; none calibrated to be skipped for being of another kind
+    sites = [r["site"] for r in report["history"]]
+    assert sites[0] == "bert.embeddings.word_embeddings:output"
+    assert all(s.endswith(".output.dense:input") for s in sites[1:]) and len(sites) > 1
     model_dir = out / "model"
     assert (model_dir / "modeling_rmtkd.py").is_file()
     import rmtkd
