@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--no-speed", action="store_true",
                     help="skip the tokens/s measurement (rank-rule comparisons)")
+    ap.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                    help="cut the residual stream first (default: the library's)")
+    ap.add_argument("--residual-share", type=float, default=None)
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
 
@@ -53,10 +56,13 @@ def main() -> None:
     model_dir = smollm2.model_dir()
     calib, held = smollm2.texts()
     ratio = None if a.ppl_ratio.lower() == "none" else float(a.ppl_ratio)
+    residual = {k: v for k, v in (("residual", a.residual),
+                                  ("residual_share", a.residual_share)) if v is not None}
     cfg = CompressConfig(rank_rule=a.rank_rule, distill_epochs=a.distill_epochs,
                          blockwise=BlockwiseSettings(calib_tokens=a.calib_tokens,
                                                      heldout_tokens=a.heldout_tokens,
-                                                     ppl_ratio=ratio, backoff=a.backoff))
+                                                     ppl_ratio=ratio, backoff=a.backoff,
+                                                     **residual))
     with tempfile.TemporaryDirectory(prefix="bench-smollm2-") as tmp:
         t0 = time.perf_counter()
         res = compress_blockwise(model_dir, calib, out=Path(tmp) / "out", config=cfg)
@@ -95,11 +101,13 @@ def main() -> None:
         "blocks_cut": sum(x.status == "applied" for x in res.blocks),
         "blocks_rolled_back": sum(x.status == "rolled back" for x in res.blocks),
         "median_block_seconds": statistics.median(x.seconds for x in res.blocks)}
+    if res.residual is not None:
+        print("residual:", {k: v for k, v in res.residual.items() if k != "eigenvalues"})
     for k, v in summary.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     path = write_json(f"smollm2{'-' + a.tag if a.tag else ''}", {
         "machine": machine_info(), "settings": vars(a), "config": cfg.to_dict(),
-        "summary": summary, "blocks": blocks,
+        "summary": summary, "blocks": blocks, "residual": res.residual,
         "command": "python bench/bench_smollm2.py " + " ".join(sys.argv[1:])})
     print(f"wrote {path}")
 

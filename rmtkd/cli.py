@@ -252,6 +252,13 @@ def _add_compress_llm_parser(sub: Any) -> None:
     g.add_argument("--backoff", type=int, default=B.backoff,
                    help=f"partial cuts tried on a block over its budget share before it "
                    f"is left uncut (default {B.backoff})")
+    g.add_argument("--residual", action=argparse.BooleanOptionalAction, default=B.residual,
+                   help=f"cut the residual stream (hidden size) first: one rotation, k from "
+                   f"the MP spikes, bisected to the budget (default "
+                   f"{'on' if B.residual else 'off'})")
+    g.add_argument("--residual-share", type=float, default=B.residual_share,
+                   help=f"the residual cut alone may reach ppl_ratio ** this before the "
+                   f"blocks' distillation (default {B.residual_share})")
     g.add_argument("--calib-tokens", type=int, default=B.calib_tokens,
                    help=f"calibration tokens (default {B.calib_tokens})")
     g.add_argument("--seq-len", type=int, default=B.seq_len,
@@ -335,7 +342,8 @@ def _run_compress_llm(args: argparse.Namespace) -> int:
                 calib_tokens=args.calib_tokens, seq_len=args.seq_len,
                 batch_size=args.batch_size, ppl_ratio=args.ppl_ratio,
                 heldout_tokens=args.heldout_tokens, backoff=args.backoff,
-                global_kl_steps=args.global_kl_steps, device=args.device))
+                global_kl_steps=args.global_kl_steps, device=args.device,
+                residual=args.residual, residual_share=args.residual_share))
         config.validate()
     except (TypeError, ValueError) as e:
         raise UsageError(f"bad compress-llm settings: {e}") from e
@@ -347,6 +355,10 @@ def _run_compress_llm(args: argparse.Namespace) -> int:
         print()
     print(f"parameters: {result.params_before:,} -> {result.params_after:,} "
           f"({100 * result.reduction:.1f}% fewer)")
+    if result.residual is not None:
+        r = result.residual
+        print(f"residual stream: hidden size {r['d']} -> {r['k']} (MP k {r['mp_k']}; "
+              f"{len(r['tried'])} cut-only perplexities measured)")
     if result.original_ppl is not None:
         print(f"budget: held-out perplexity (the budget's slice) {result.original_ppl:.3f} -> "
               f"{result.final_ppl:.3f} ({result.final_ppl / result.original_ppl:.4f}x; "

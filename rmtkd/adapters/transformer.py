@@ -131,6 +131,19 @@ class TransformerAdapter:
                 return n
         return None
 
+    def final_norm(self, model: nn.Module) -> str | None:
+        """The full name of ``model``'s final norm (after the last block), or None where
+        the layout names none or ``model`` does not hold it."""
+        rel = self.layout.final_norm
+        if rel is None:
+            return None
+        blocks = [n for n, _ in self.block_modules(model)]
+        for n, m in model.named_modules():
+            if (n == rel or n.endswith("." + rel)) and hasattr(m, "weight") and \
+                    not any(n.startswith(b + ".") for b in blocks):
+                return n
+        return None
+
     def tied_embedding(self, model: nn.Module) -> bool:
         """Whether another module of ``model`` shares the token-embedding table (a decoder's
         tied lm_head): a cut of its rank would have to cut both."""
@@ -161,7 +174,9 @@ class TransformerAdapter:
         "container"`` (the module holding the blocks as ``<container>.<i>``, or None)
         ``, "blocks": [...]}``, per block ``{"path"`` (its module name), ``"q", "k", "v",
         "o", "heads", "kv_heads", "head_dim", "group", "mlp_producers", "mlp_consumer",
-        "linears"`` (relative paths of every projection) ``, "mlp_width_attrs"}``."""
+        "linears"`` (relative paths of every projection) ``, "mlp_width_attrs"}``, and the
+        full names of the token embedding and the final norm (``"embedding"``,
+        ``"final_norm"``; None where there is none)."""
         from ..hf.modeling_rmtkd import LAYOUT_FORMAT, LAYOUT_VERSION
 
         mods = self.block_modules(model)
@@ -181,7 +196,8 @@ class TransformerAdapter:
             container = None
         return {"format": LAYOUT_FORMAT, "version": LAYOUT_VERSION,
                 "family": self.layout.family, "container": container, "blocks": blocks,
-                "embedding": self.token_embedding(model)}
+                "embedding": self.token_embedding(model),
+                "final_norm": self.final_norm(model)}
 
     def value_norm(self, block: nn.Module) -> bool:
         return self.layout.value_norm is not None and isinstance(

@@ -13,7 +13,7 @@ Llama, Qwen2, Mistral) compressed one decoder block at a time in bounded memory.
    while hooks feed one covariance accumulator per site (n = N*T tokens); fit the spectra
    and choose k (rank rule; value widths per key-value head); cut the block through the
    adapter (a site with k = 0 is skipped and recorded); distil it locally (Adam on the
-   relative squared error to the targets; undone when it does not help);
+   mean per-token relative squared error to the targets; undone when it does not help);
 3. the budget: the held-out perplexity of the model made of the compressed blocks 0..i and
    the original blocks i+1.. must stay within ``ppl_ratio ** (P_0..i / P)`` times the
    original's (P: parameters of the blocks; the allowance grows with the share of the
@@ -58,14 +58,19 @@ from ..adapters import llama as family
 from ..adapters.llama import EMBED, FINAL_NORM, layer_prefix
 from ..checkpoint import file_entry, load_checkpoint, write_checkpoint
 from ..errors import InputError
+from ..hf.modeling_rmtkd import RESIDUAL_KEY
 from ..files import fsync_dir
 from ..llm.evaluate import token_sequences
 from ..llm.hfdir import (WeightSource, build_from_shards, config_dict, shard_name,
                          write_model, write_shard)
-from ..llm.states import chunks, distill_layer, memmap, run_states, teacher_pass
+from ..llm.states import (chunks, distill_layer, memmap, read_rows, run_states,
+                          teacher_pass)
 from ..ops.covariance import CovarianceStats
 from ..reduce import UnsupportedModuleError, project_block_linear, reduce_site
 from ..reduce.maths import n_params
+from ..reduce.residual import (basis_of, quantum, residual_record, rotate_embedding,
+                               rotate_head, rotate_layer_state, round_k, second_moment,
+                               sliced_config)
 from ..reduce.transformer import block_of, block_widths, dim_site
 from .config import CompressConfig
 from .loop import Strategy, Unit, run
@@ -98,6 +103,8 @@ class BlockwiseResult:
     original_ppl: float | None = None
     final_ppl: float | None = None
     stats: dict[int, dict[str, CovarianceStats]] = field(default_factory=dict)
+    #: the residual-stream cut: d, MP's k, the k cut, the perplexities tried (None: off)
+    residual: dict | None = None
 
     @property
     def reduction(self) -> float:
@@ -165,6 +172,10 @@ class Blockwise(Strategy):
         self.pe = family.position_embeddings(self.config, seqs.shape[1], self.dev)
         self.state: dict = {}
         self._norm_head: tuple[nn.Module, torch.Tensor] | None = None
+        #: the residual stream's basis (d x k) when it is cut, and the k-wide config
+        self.rot: torch.Tensor | None = None
+        self.config_k = self.config
+        self.orig_files: dict = {}
 
     @property
     def budgeted(self) -> bool:
@@ -203,6 +214,8 @@ class Blockwise(Strategy):
         self.state.update(next_block=next_index,
                           history=[r.to_dict() for r in self.history])
         tensors = {} if self.held_states is None else {"held": self.held_states}
+        if self.rot is not None:
+            tensors["residual_basis"] = self.rot
         write_checkpoint(self.work / "ckpt", self.state, tensors, step=next_index,
                          external={f"../{k}": v for k, v in self.state["files"].items()})
 
@@ -210,7 +223,7 @@ class Blockwise(Strategy):
         b, work = self.b, self.work
         model_dir = work / "model"
         N, T = self.seqs.shape
-        shape = (N, T, self.config.hidden_size)
+        d = self.config.hidden_size
         fp = self._fingerprint()
         got = None
         if self.resuming and (work / "ckpt").is_dir():
@@ -228,31 +241,160 @@ class Blockwise(Strategy):
         work.mkdir(parents=True, exist_ok=True)
         model_dir.mkdir(exist_ok=True)
         fresh = got is None
-        self.files = {k: memmap(work / f"states-{k}.f32", shape, fresh) for k in ("a", "b")}
-        self.targets = memmap(work / "targets.f32", shape, fresh)
         if got is not None:
             self.state, tensors = got
+            self._set_basis(tensors.get("residual_basis"))
+        else:
+            self.state = {"fingerprint": fp, "next_block": 0, "current": "a", "widths": [],
+                          "kl_done": False, "seconds": 0.0, "history": [],
+                          "block_params": self._block_params(), "files": {}}
+            if b.residual and not b.keep_all:
+                self._set_basis(self._residual_cut())
+        shape = (N, T, self.config_k.hidden_size)
+        self.files = {k: memmap(work / f"states-{k}.f32", shape, fresh) for k in ("a", "b")}
+        self.targets = memmap(work / "targets.f32", shape, fresh)
+        if self.rot is not None:
+            self.orig_files = {k: memmap(work / f"orig-{k}.f32", (N, T, d),
+                                         fresh and k == "b") for k in ("a", "b")}
+        if got is not None:
             self.history = [StepRecord.from_dict(d) for d in self.state["history"]]
             self.held_states = tensors.get("held")
             return self.state["next_block"]
         emb = self.src.get(EMBED)
-        for a, c in chunks(N, b.batch_size):
-            self.files["a"][a:c] = nn.functional.embedding(self.seqs[a:c], emb).float().numpy()
-        self.files["a"].flush()
+        if self.rot is not None:   # the original stream beside the cut one (the targets)
+            self._embed(self.orig_files["a"], emb)
+            self.state["orig_current"] = "a"
+            self._track("orig-a.f32")
+            emb = rotate_embedding(emb, self.rot)
+        self._embed(self.files["a"], emb)
         self.held_states = None if self.held is None else \
             nn.functional.embedding(self.held, emb).float()
         write_shard(model_dir / shard_name(1, self.total), {EMBED: emb})
         del emb
-        self.state = {"fingerprint": fp, "next_block": 0, "current": "a", "widths": [],
-                      "kl_done": False, "seconds": 0.0, "history": [],
-                      "block_params": self._block_params()}
         self._track(f"model/{shard_name(1, self.total)}")
         self._track("states-a.f32")
-        if self.budgeted:
+        if self.budgeted and "original_ppl" not in self.state:
             self.state["original_ppl"] = self.state["current_ppl"] = \
                 self._heldout_ppl(None, -1, self.held_states)
         self.checkpoint(0, False)
         return 0
+
+    def _embed(self, mm: Any, emb: torch.Tensor) -> None:
+        for a, c in chunks(mm.shape[0], self.b.batch_size):
+            mm[a:c] = nn.functional.embedding(self.seqs[a:c], emb).float().numpy()
+        mm.flush()
+
+    def _set_basis(self, basis: torch.Tensor | None) -> None:
+        self.rot = None if basis is None else basis.float()
+        self.config_k = self.config if basis is None else \
+            sliced_config(self.config, int(basis.shape[1]))
+        self._norm_head = None
+
+    # -------------------------------------------------------------- the residual stream
+    def _residual_cut(self) -> torch.Tensor | None:
+        """Choose the residual stream's basis before the blocks (the residual-first
+        schedule): run the original model over the calibration states (in the work dir's
+        ``orig-*`` files) pooling the second moment of every norm's RMS-normalised input
+        (both norms of every block and the final norm); its MP spikes give MP's k (n = the
+        calibration tokens). Without a budget that k is cut. With one, the cut-only model
+        (every block rotated and sliced, nothing distilled) is measured on the held-out
+        slice and k bisected, starting at MP's k, to the smallest multiple of
+        :func:`~rmtkd.reduce.residual.quantum` whose perplexity is within
+        ``ppl_ratio ** residual_share`` of the original (the blocks' local distillation then
+        wins part of it back for the inner cuts). Returns the basis (d x k), or None when
+        k = d (nothing is rotated: the job is the uncut one)."""
+        from tqdm.auto import tqdm
+
+        from ..spectral import spikes
+
+        t0 = time.perf_counter()
+        b, cfg = self.b, self.cfg
+        N, T = self.seqs.shape
+        d, L = self.config.hidden_size, self.config.num_hidden_layers
+        files = {k: memmap(self.work / f"orig-{k}.f32", (N, T, d), True) for k in ("a", "b")}
+        emb = self.src.get(EMBED)
+        self._embed(files["a"], emb)
+        held = None if self.held is None else nn.functional.embedding(self.held, emb).float()
+        moment = torch.zeros(d, d, dtype=torch.float64)
+        reads = [0]
+
+        def feed(_m: Any, args: tuple) -> None:
+            m, n = second_moment(args[0].detach().cpu())
+            moment.add_(m)
+            reads[0] += n
+
+        cur = "a"
+        for j in tqdm(range(L), desc="residual stream", unit="block",
+                      disable=not self.progress):
+            layer = self._orig_layer(j)
+            hooks = [layer.get_submodule(n.name).register_forward_pre_hook(feed)
+                     for n in family.LAYOUT.norms]
+            nxt = "b" if cur == "a" else "a"
+            try:
+                run_states(layer, self._run(j), files[cur], batch_size=b.batch_size,
+                           device=self.dev, out=files[nxt])
+            finally:
+                for h in hooks:
+                    h.remove()
+            if held is not None:
+                held = _run_all(layer, self._run(j), held, b.batch_size, self.dev).cpu()
+            cur = nxt
+        for a, c in chunks(N, b.batch_size):
+            m, n = second_moment(read_rows(files[cur], a, c))
+            moment.add_(m)
+            reads[0] += n
+        for mm in files.values():
+            mm._mmap.close()   # noqa: SLF001 -- reopened for the blocks
+        vals, vecs = basis_of(moment / reads[0])
+        fit = spikes(moment / reads[0], N * T, estimator=cfg.estimator, margin=cfg.margin,
+                     solver="full")
+        mp_k, step = int(fit.k), quantum(self.config)
+        tried: dict[int, float] = {}
+        rec = {"d": d, "mp_k": mp_k, "tokens": N * T, "tried": []}
+        if self.budgeted:
+            orig = self._ppl(held, *self._norm_head_for(None))
+            self.state["original_ppl"] = orig
+            target = orig * float(b.ppl_ratio) ** b.residual_share
+            rec.update(original_ppl=orig, target_ppl=target)
+
+            def fits(k: int) -> bool:
+                q = vecs[:, :k].float()
+                h = nn.functional.embedding(self.held, rotate_embedding(emb, q)).float()
+                ck = sliced_config(self.config, k)
+                for j in range(L):
+                    h = _run_all(self._sliced_layer(j, q, ck), self._run(j), h,
+                                 b.batch_size, self.dev)
+                tried[k] = self._ppl(h, *self._norm_head_for(q, ck))
+                rec["tried"].append([k, tried[k]])
+                return tried[k] <= target
+
+            lo, hi = 0, d   # largest k known to break the target, smallest known to hold
+            k0 = round_k(max(mp_k, 1), d, step)
+            if float(b.ppl_ratio) > 1.0 and k0 < d:
+                if fits(k0):
+                    hi = k0
+                else:
+                    lo = k0
+                while hi - lo > step and len(tried) < 8:
+                    mid = round_k((lo + hi) // 2, d, step)
+                    if mid >= hi:
+                        mid = hi - step
+                    if mid <= lo:
+                        break
+                    if fits(mid):
+                        hi = mid
+                    else:
+                        lo = mid
+            k = hi
+            self.state["current_ppl"] = tried.get(k, orig)
+            self.state["start_ratio"] = self.state["current_ppl"] / orig
+        else:
+            k = d if b.ppl_ratio == 1.0 else round_k(max(mp_k, 1), d, step)
+        rec.update(k=k, ppl=tried.get(k), seconds=time.perf_counter() - t0,
+                   eigenvalues=vals[: min(d, 64)].tolist())
+        self.state["residual"] = rec
+        return None if k >= d else vecs[:, :k].float().contiguous()
+
 
     def _block_params(self) -> list[int]:
         out = []
@@ -263,11 +405,27 @@ class Blockwise(Strategy):
 
     # -------------------------------------------------------------- layers
     def _layer(self, i: int) -> nn.Module:
+        """Decoder layer ``i`` as the job starts it: its original weights, in the residual
+        basis when the stream is cut; fp32 on the device."""
+        if self.rot is None:
+            return self._orig_layer(i)
+        return self._sliced_layer(i, self.rot, self.config_k)
+
+    def _orig_layer(self, i: int) -> nn.Module:
         """Decoder layer ``i`` with its original weights, fp32 on the device."""
         layer = family.new_layer(self.config, i)
         layer.to_empty(device=self.dev)
         layer.load_state_dict({k: v.float() for k, v in
                                self.src.prefixed(layer_prefix(i)).items()}, strict=True)
+        return layer.float().eval()
+
+    def _sliced_layer(self, i: int, basis: torch.Tensor, config_k: Any) -> nn.Module:
+        """Decoder layer ``i`` with its residual stream in ``basis`` (d x k)."""
+        state = {k: v.float() for k, v in self.src.prefixed(layer_prefix(i)).items()}
+        state = rotate_layer_state(state, family.LAYOUT, basis, self.config.hidden_size)
+        layer = family.new_layer(config_k, i)
+        layer.to_empty(device=self.dev)
+        layer.load_state_dict(state, strict=True)
         return layer.float().eval()
 
     def _run(self, i: int):
@@ -284,9 +442,13 @@ class Blockwise(Strategy):
             h = _run_all(layer, self._run(i), h, b.batch_size, self.dev)
         for j in range(i + 1, self.config.num_hidden_layers):
             h = _run_all(self._layer(j), self._run(j), h, b.batch_size, self.dev)
-        norm, head = self._head()
+        return self._ppl(h, *self._head())
+
+    @torch.no_grad()
+    def _ppl(self, h: torch.Tensor, norm: nn.Module, head: torch.Tensor) -> float:
+        """Perplexity of the held-out tokens from the last block's outputs ``h``."""
         nll, count = 0.0, 0
-        for a, c in chunks(h.shape[0], max(1, b.batch_size // 2)):
+        for a, c in chunks(h.shape[0], max(1, self.b.batch_size // 2)):
             logits = norm(h[a:c].to(self.dev)) @ head.T
             ids = self.held[a:c].to(self.dev)
             nll += float(nn.functional.cross_entropy(
@@ -296,18 +458,41 @@ class Blockwise(Strategy):
         return math.exp(nll / count)
 
     def _head(self) -> tuple[nn.Module, torch.Tensor]:
-        """The final norm and the head (fp32, on the device), read once per job."""
+        """The final norm and the head (fp32, on the device, in the residual basis when
+        the stream is cut), made once per job."""
         if self._norm_head is None:
-            self._norm_head = (
-                family.final_norm(self.config, self.src.get(FINAL_NORM)).to(self.dev),
-                self.src.lm_head().float().to(self.dev))
+            self._norm_head = self._norm_head_for(self.rot, self.config_k)
         return self._norm_head
 
+    def _norm_head_for(self, basis: torch.Tensor | None, config_k: Any = None
+                       ) -> tuple[nn.Module, torch.Tensor]:
+        g = self.src.get(FINAL_NORM).float()
+        if basis is None:
+            return (family.final_norm(self.config, g).to(self.dev),
+                    self.src.lm_head().float().to(self.dev))
+        tied = self.src.tied()
+        new = rotate_head(g, None if tied else self.src.lm_head().float(), basis,
+                          self.config.hidden_size)
+        norm = family.final_norm(config_k, new["norm"])
+        if tied:
+            from ..hf.modeling_rmtkd import MixedRMSNorm
+
+            norm = MixedRMSNorm(basis.shape[1], config_k.rms_norm_eps)
+            with torch.no_grad():
+                norm.weight.copy_(new["norm"])
+                norm.mix.copy_(new["mix"])
+            head = rotate_embedding(self.src.get(EMBED).float(), basis)
+        else:
+            head = new["head"]
+        return norm.to(self.dev).eval(), head.to(self.dev)
+
     def _allowance(self, i: int) -> float:
-        """The perplexity ratio blocks 0..i may spend: ``ppl_ratio ** (share of the block
-        parameters in blocks 0..i)``."""
+        """The perplexity ratio blocks 0..i may spend: from ``r0`` (the ratio the job
+        starts from: 1, or the residual cut's) to ``ppl_ratio`` geometrically with the
+        share s of the block parameters in blocks 0..i: ``r0 (ppl_ratio / r0) ** s``."""
         p = self.state["block_params"]
-        return float(self.b.ppl_ratio) ** (sum(p[: i + 1]) / max(sum(p), 1))
+        r0 = float(self.state.get("start_ratio", 1.0))
+        return r0 * (float(self.b.ppl_ratio) / r0) ** (sum(p[: i + 1]) / max(sum(p), 1))
 
     # -------------------------------------------------------------- the step
     def generators(self) -> tuple:
@@ -341,10 +526,23 @@ class Blockwise(Strategy):
                                  batch_size=self.b.batch_size, device=self.dev,
                                  sites={s.name: (s.module_name, s.where) for s in sites},
                                  acc_dtype=getattr(torch, self.cfg.acc_dtype))
+        if self.rot is not None:
+            self._original_targets(i)
         self.targets.flush()
         self.params_before = n_params(self.orig)
         self.ppl, self.next_ready = math.nan, False
         self.index, self.tried = i, []   # (share, log perplexity ratio) per attempt
+
+    def _original_targets(self, i: int) -> None:
+        """With the residual stream cut, the targets are the original model's: original
+        block i on the original stream (advanced in ``orig-*``), in the residual basis."""
+        cur = self.state["orig_current"]
+        nxt = "b" if cur == "a" else "a"
+        run_states(self._orig_layer(i), self._run(i), self.orig_files[cur],
+                   batch_size=self.b.batch_size, device=self.dev, out=self.orig_files[nxt])
+        self.orig_files[nxt].flush()
+        for a, c in chunks(self.targets.shape[0], self.b.batch_size):
+            self.targets[a:c] = (read_rows(self.orig_files[nxt], a, c) @ self.rot).numpy()
 
     def calibrate(self, unit: Unit) -> dict:
         out = {}
@@ -506,12 +704,33 @@ class Blockwise(Strategy):
     def rollback(self, unit: Unit, recs: list[StepRecord]) -> None:
         self.layer, self.next_ready = self.orig, False
 
+    def _recover(self, i: int) -> bool:
+        """An uncut block of a job whose residual stream is cut still lost what the slice
+        dropped: distil it locally to the original model's outputs (kept when it lowers
+        the error). True when kept."""
+        if self.cfg.distill_epochs <= 0:
+            return False
+        run_fn, cur = self._run(i), self.files[self.state["current"]]
+        before = run_states(self.orig, run_fn, cur, targets=self.targets,
+                            batch_size=self.b.batch_size, device=self.dev)
+        layer = copy.deepcopy(self.orig)
+        distill_layer(layer, run_fn, cur, self.targets, batch_size=self.b.batch_size,
+                      device=self.dev, epochs=self.cfg.distill_epochs, lr=self.cfg.lr,
+                      gen=self.gen)
+        after = run_states(layer, run_fn, cur, targets=self.targets,
+                           batch_size=self.b.batch_size, device=self.dev)
+        if not after < before:
+            return False
+        self.layer, self.next_ready = layer, False
+        return True
+
     def _next(self) -> str:
         return "b" if self.state["current"] == "a" else "a"
 
     def finish(self, unit: Unit, recs: list[StepRecord]) -> None:
         i, b = unit.index, self.b
         cur, nxt = self.state["current"], self._next()
+        recovered = self.layer is self.orig and self.rot is not None and self._recover(i)
         layer = self.layer
         dtype = self.src.dtype()
         stored = {k: v.to(dtype) for k, v in layer.state_dict().items()}
@@ -522,7 +741,8 @@ class Blockwise(Strategy):
         layer.load_state_dict({k: v.float() for k, v in stored.items()})
         del stored
         run_fn = self._run(i)
-        if layer is self.orig:   # uncut: its outputs are the teacher targets, bit for bit
+        if layer is self.orig and self.rot is None:
+            # uncut: its outputs are the teacher targets, bit for bit
             for a, c in chunks(self.targets.shape[0], b.batch_size):
                 self.files[nxt][a:c] = self.targets[a:c]
         elif not self.next_ready:   # (else written by distil from these very weights)
@@ -532,6 +752,13 @@ class Blockwise(Strategy):
         if self.held_states is not None:
             self.held_states = _run_all(layer, run_fn, self.held_states, b.batch_size,
                                         self.dev).cpu()
+            if recovered and self.budgeted:
+                self.state["current_ppl"] = self._heldout_ppl(None, i, self.held_states)
+        if self.rot is not None:
+            ocur = self.state["orig_current"]
+            onxt = "b" if ocur == "a" else "a"
+            self._track(f"orig-{onxt}.f32", drop=f"orig-{ocur}.f32")
+            self.state["orig_current"] = onxt
         after = n_params(layer)
         seconds = time.perf_counter() - self.t0
         for r in recs:
@@ -645,15 +872,30 @@ def _assemble(s: Blockwise, out: Path) -> BlockwiseResult:
     cfg, b, src, work, state = s.cfg, s.b, s.src, s.work, s.state
     total = s.total
     head = {FINAL_NORM: src.get(FINAL_NORM)}
-    if not getattr(src.config, "tie_word_embeddings", False):
+    tied = src.tied()
+    if not tied:
         head[family.LM_HEAD] = src.lm_head()
+    overrides = {}
+    if s.rot is not None:   # the final norm and head in the residual basis
+        d, k = src.config.hidden_size, s.config_k.hidden_size
+        new = rotate_head(head[FINAL_NORM].float(), None if tied else head[family.LM_HEAD].float(),
+                          s.rot, d)
+        dtype = src.dtype()
+        head = {FINAL_NORM: new["norm"].to(dtype)}
+        if tied:
+            head[FINAL_NORM.removesuffix("weight") + "mix"] = new["mix"].to(dtype)
+        else:
+            head[family.LM_HEAD] = new["head"].to(dtype)
+        ck = s.config_k
+        overrides = {"hidden_size": k, "head_dim": ck.head_dim, "rms_norm_eps": ck.rms_norm_eps,
+                     RESIDUAL_KEY: residual_record(d, k, tied)}
     model_dir = work / "model"
     write_shard(model_dir / shard_name(total, total), head)
     del head
     for mm in (*s.files.values(), s.targets):
         mm._mmap.close()   # noqa: SLF001 -- the states are no longer needed
     shards = [shard_name(j, total) for j in range(1, total + 1)]
-    cfg_json = config_dict(src, state["widths"], src.dtype())
+    cfg_json = config_dict(src, state["widths"], src.dtype(), overrides)
     shard_dir = model_dir
     if b.global_kl_steps > 0:
         shard_dir = work / "model-kl"
@@ -674,7 +916,8 @@ def _assemble(s: Blockwise, out: Path) -> BlockwiseResult:
         "calibration": {"sequences": int(s.seqs.shape[0]), "seq_len": int(s.seqs.shape[1]),
                         "heldout_sequences": 0 if s.held is None else int(s.held.shape[0])},
         "params_before": src.n_params(), "global_kl": b.global_kl_steps > 0,
-        "original_ppl": state.get("original_ppl"), "final_ppl": state.get("current_ppl")}}
+        "original_ppl": state.get("original_ppl"), "final_ppl": state.get("current_ppl"),
+        "residual": state.get("residual")}}
     params_after = write_model(final, shard_dir, shards, cfg_json, extras)
     if src.path is not None:   # tokenizer and generation files
         for f in src.path.iterdir():
@@ -687,7 +930,7 @@ def _assemble(s: Blockwise, out: Path) -> BlockwiseResult:
     return BlockwiseResult(out, [StepRecord.from_dict(d) for d in state["history"]],
                            src.n_params(), params_after, seconds, cfg.to_dict(),
                            state.get("original_ppl"), state.get("current_ppl"),
-                           s.stats_out)
+                           s.stats_out, state.get("residual"))
 
 
 def _publish(model_dir: Path, out: Path) -> None:

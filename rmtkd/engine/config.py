@@ -45,6 +45,13 @@ class BlockwiseSettings:
     computes the same function).
     device: where a block runs; the hidden states stay in memory-mapped files.
     keep_stats: keep every site's covariance in the result (tests; memory grows).
+    residual: cut the residual stream (the hidden size) first, before the blocks: one
+    rotation for the whole model, k from the MP spikes of the normalised stream, then
+    bisected down to what the budget allows (:mod:`rmtkd.reduce.residual`,
+    :meth:`rmtkd.engine.blockwise.Blockwise._residual_cut`).
+    residual_share: the residual cut alone, before any distillation, may reach
+    ``ppl_ratio ** residual_share``; the blocks' allowances then run from there to
+    ``ppl_ratio`` (above 1: the local distillation must win the excess back).
     """
 
     calib_tokens: int = 16384
@@ -58,6 +65,8 @@ class BlockwiseSettings:
     keep_all: bool = False
     device: str = "cpu"
     keep_stats: bool = False
+    residual: bool = False
+    residual_share: float = 1.0
 
     def validate(self) -> None:
         for name in ("calib_tokens", "seq_len", "batch_size"):
@@ -70,6 +79,9 @@ class BlockwiseSettings:
                                                and self.ppl_ratio >= 1.0):
             raise ValueError(f"blockwise.ppl_ratio must be >= 1 (or None), got "
                              f"{self.ppl_ratio}")
+        if not (math.isfinite(self.residual_share) and self.residual_share > 0):
+            raise ValueError(f"blockwise.residual_share must be > 0, got "
+                             f"{self.residual_share}")
         if self.ppl_ratio is not None and self.heldout_tokens < 2:
             raise ValueError("a perplexity budget (blockwise.ppl_ratio) needs held-out "
                              "tokens (blockwise.heldout_tokens >= 2)")

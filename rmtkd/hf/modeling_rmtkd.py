@@ -23,6 +23,10 @@ Contents:
 - :class:`ProjectedLinear`: ``y = (x @ V) @ W.T + bias`` (parameters ``V``, ``W``, ``bias``).
 - :class:`FactorizedEmbedding`: a token embedding of rank k, ``proj(embed(ids))``, recorded
   as ``config.rmtkd_embedding = {"rank": k}`` with its path in ``rmtkd_layout["embedding"]``.
+- :class:`MixedRMSNorm`: an RMSNorm followed by a (k x k) mix, the final norm of a decoder
+  whose residual stream was rotated and sliced while its head stays tied to the embedding,
+  recorded as ``config.rmtkd_residual = {"hidden_size": d, "final_norm_mix": true}`` with
+  its path in ``rmtkd_layout["final_norm"]``.
 - :func:`reshape`: reshape a freshly built model from ``config.rmtkd_blocks`` (per block:
   ``{"mlp": inner width, "value_heads": kept dims per key-value head or None, "ranks":
   {linear: rank}, "biases": {linear: has bias}}``) and ``config.rmtkd_layout`` (the block
@@ -44,6 +48,7 @@ from torch import nn
 
 BLOCKS_KEY = "rmtkd_blocks"
 EMBEDDING_KEY = "rmtkd_embedding"
+RESIDUAL_KEY = "rmtkd_residual"
 LAYOUT_KEY = "rmtkd_layout"
 LAYOUT_FORMAT = "rmtkd-layout"
 LAYOUT_VERSION = 1
@@ -52,7 +57,7 @@ CLASS_PREFIX = "Rmtkd"
 __all__ = ["HeadPaddedLinear", "HeadSelectLinear", "ProjectedLinear", "kept_index",
            "reshape", "reshape_block", "refresh_buffers", "rmtkd_model_class",
            "module_has_bias", "set_attr", "BLOCKS_KEY", "LAYOUT_KEY", "EMBEDDING_KEY",
-           "FactorizedEmbedding"]
+           "FactorizedEmbedding", "MixedRMSNorm", "RESIDUAL_KEY"]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -231,6 +236,47 @@ def reshape_embedding(model: nn.Module, path: str, record: dict) -> None:
     set_attr(model, path, new.train(old.training))
 
 
+class MixedRMSNorm(nn.Module):
+    """``(x / rms(x) * weight) @ mix.T``: an RMSNorm of ``hidden_size`` (computed in fp32
+    like transformers' Llama norm) followed by a (hidden_size x hidden_size) linear mix."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, device=None, dtype=None
+                 ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(hidden_size, **kw))
+        self.mix = nn.Parameter(torch.empty(hidden_size, hidden_size, **kw))
+        self.variance_epsilon = float(eps)
+        if self.mix.device.type != "meta":
+            with torch.no_grad():
+                self.mix.copy_(torch.eye(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return ((self.weight.float() * h) @ self.mix.float().T).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
+
+
+def reshape_final_norm(model: nn.Module, path: str, record: dict) -> None:
+    """Replace the final norm at ``path`` by a :class:`MixedRMSNorm` when ``record``
+    (``config.rmtkd_residual``) says the norm carries a mix (a no-op when it already is)."""
+    if not record.get("final_norm_mix"):
+        return
+    old = get(model, path)
+    if isinstance(old, MixedRMSNorm):
+        return
+    w = getattr(old, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"{RESIDUAL_KEY}: {path!r} is not a norm of {type(model).__name__}")
+    eps = getattr(old, "variance_epsilon", getattr(old, "eps", 1e-6))
+    set_attr(model, path, MixedRMSNorm(w.shape[0], eps, device=w.device,
+                                       dtype=w.dtype).train(old.training))
+
+
 # ----------------------------------------------------------------------------- walking
 
 def get(module: Any, rel: str) -> Any:
@@ -359,8 +405,9 @@ def reshape(model: nn.Module, blocks: list[dict] | None = None, layout: dict | N
             ) -> nn.Module:
     """Reshape a freshly built model to the recorded widths ``blocks`` (default
     ``model.config.rmtkd_blocks``) using ``layout`` (default ``model.config.rmtkd_layout``),
-    in place, so that the reduced state dict loads with ``strict=True``. Nothing happens
-    without width records. Returns ``model``.
+    in place, so that the reduced state dict loads with ``strict=True``; also the
+    factorised embedding (``rmtkd_embedding``) and the final-norm mix (``rmtkd_residual``).
+    Nothing happens without these records. Returns ``model``.
 
     Raises:
         ValueError: widths without a layout, or widths and layout that do not fit.
@@ -369,10 +416,18 @@ def reshape(model: nn.Module, blocks: list[dict] | None = None, layout: dict | N
     if blocks is None:
         blocks = _config_value(config, BLOCKS_KEY)
     embedding = _config_value(config, EMBEDDING_KEY)
-    if not blocks and not embedding:
+    residual = _config_value(config, RESIDUAL_KEY)
+    if not blocks and not embedding and not residual:
         return model
     if layout is None:
         layout = _config_value(config, LAYOUT_KEY)
+    if residual and residual.get("final_norm_mix"):
+        path = layout.get("final_norm") if isinstance(layout, dict) else None
+        if not isinstance(path, str):
+            raise ValueError(f"the config records a final-norm mix ({RESIDUAL_KEY}) but its "
+                             f"layout ({LAYOUT_KEY}) names no final norm; save the model "
+                             f"again with a current rmtkd")
+        reshape_final_norm(model, path, residual)
     if embedding:
         path = layout.get("embedding") if isinstance(layout, dict) else None
         if not isinstance(path, str):

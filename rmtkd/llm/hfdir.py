@@ -149,6 +149,10 @@ class WeightSource:
         with safe_open(str(self.path / self._files[name]), framework="pt", device="cpu") as f:
             return int(torch.Size(f.get_slice(name).get_shape()).numel())
 
+    def tied(self) -> bool:
+        """Whether the head is the token-embedding table (``tie_word_embeddings``)."""
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
     def lm_head(self) -> torch.Tensor:
         from ..adapters.llama import EMBED, LM_HEAD
 
@@ -210,9 +214,11 @@ def layer_widths(layer: nn.Module) -> dict:
     return block_widths(layer, block_of(layer)[1])
 
 
-def config_dict(src: WeightSource, widths: list[dict], dtype: torch.dtype) -> dict:
+def config_dict(src: WeightSource, widths: list[dict], dtype: torch.dtype,
+                overrides: dict | None = None) -> dict:
     """config.json of the compressed model: the source config with the per-layer widths
-    (``rmtkd_blocks``), ``architectures`` and ``dtype``."""
+    (``rmtkd_blocks``), ``architectures``, ``dtype`` and ``overrides`` (the residual cut's
+    hidden size and record)."""
     from ..adapters.llama import decoder
     from ..reduce.transformer import WIDTHS_KEY
 
@@ -221,6 +227,7 @@ def config_dict(src: WeightSource, widths: list[dict], dtype: torch.dtype) -> di
     cfg["architectures"] = [decoder(cfg).causal_lm]
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg[WIDTHS_KEY] = list(widths)
+    cfg.update(overrides or {})
     from ..hf.export import remote_code_config_for
 
     cfg.update(remote_code_config_for(cfg))   # rmtkd_layout, auto_map (trust_remote_code)

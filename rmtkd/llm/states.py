@@ -71,25 +71,35 @@ def teacher_pass(layer: nn.Module, run: Run, states: np.memmap, targets: np.memm
 def run_states(layer: nn.Module, run: Run, states: np.memmap, *, batch_size: int,
                device: Any, targets: np.memmap | None = None, out: np.memmap | None = None
                ) -> float:
-    """The layer on ``states``: writes the outputs to ``out`` and returns
-    ``||y - targets|| / ||targets||`` (NaN without targets)."""
-    num = den = 0.0
+    """The layer on ``states``: writes the outputs to ``out`` and returns the root mean
+    over tokens of ``||y - t||^2 / ||t||^2`` (:func:`token_error`; NaN without targets)."""
+    num, count = 0.0, 0
     for a, b in chunks(states.shape[0], batch_size):
         y = run(layer, read_rows(states, a, b).to(device)).float()
         if targets is not None:
             t = read_rows(targets, a, b).to(device)
-            num += float((y - t).double().pow(2).sum())
-            den += float(t.double().pow(2).sum())
+            num += float(token_error(y.double(), t.double()).sum())
+            count += t[..., 0].numel()
         if out is not None:
             out[a:b] = y.cpu().numpy()
-    return (num / max(den, 1e-300)) ** 0.5 if targets is not None else float("nan")
+    return (num / max(count, 1)) ** 0.5 if targets is not None else float("nan")
+
+
+def token_error(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per token (the last axis is the hidden size): ``||y - t||^2 / ||t||^2``. Relative
+    per token, not over the batch: in decoders a few tokens (each sequence's first) carry
+    massive activations, 99% of the squared norm of SmolLM2's residual stream, and an error
+    summed over all tokens would only see them, while the next block reads every token
+    RMS-normalised."""
+    return (y - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-30)
 
 
 def distill_layer(layer: nn.Module, run: Run, states: np.memmap, targets: np.memmap, *,
                   batch_size: int, device: Any, epochs: int, lr: float,
                   gen: torch.Generator) -> None:
-    """Local distillation: Adam on the relative squared error of the layer's outputs to
-    ``targets`` (the original layer's), ``epochs`` shuffled passes."""
+    """Local distillation: Adam on the mean per-token relative squared error
+    (:func:`token_error`) of the layer's outputs to ``targets`` (the original layer's),
+    ``epochs`` shuffled passes."""
     params = list(layer.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -103,7 +113,7 @@ def distill_layer(layer: nn.Module, run: Run, states: np.memmap, targets: np.mem
                 idx = np.sort(idx.numpy())
                 x, t = read_rows(states, idx).to(device), read_rows(targets, idx).to(device)
                 y = run(layer, x)
-                loss = (y - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+                loss = token_error(y, t).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -37,8 +37,8 @@ from torch import nn
 from ..adapters import TransformerAdapter, adapter_for, get
 from ..adapters.base import BlockSpec, CoupledDim
 from ..capture import Site
-from ..hf.modeling_rmtkd import EMBEDDING_KEY, FactorizedEmbedding, module_has_bias, \
-    reshape, set_attr
+from ..hf.modeling_rmtkd import EMBEDDING_KEY, RESIDUAL_KEY, FactorizedEmbedding, \
+    module_has_bias, reshape, set_attr
 from ..nn import ProjectedLinear
 from .heads import (HeadPaddedLinear, HeadSelectLinear, dense_out, dense_value, f64,
                     head_bases, top_eigenvectors)
@@ -445,7 +445,8 @@ def apply_widths(model: nn.Module, widths: list[dict] | None = None) -> nn.Modul
     if widths is None:
         widths = getattr(config, WIDTHS_KEY, None) or \
             _legacy_widths(config, len(ad.block_modules(model)))
-    if not widths and not getattr(config, EMBEDDING_KEY, None):
+    if not widths and not getattr(config, EMBEDDING_KEY, None) and \
+            not getattr(config, RESIDUAL_KEY, None):
         return model
     return reshape(model, list(widths or []), ad.layout_record(model),
                    projected=ProjectedLinear, empty=True)
