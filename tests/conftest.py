@@ -29,3 +29,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """(trained DigitsMLP, train batches, held-out batches), trained once per session."""
+    from rmtkd.examples import digits_mlp_data, train_digits_mlp
+
+    model, _ = train_digits_mlp(seed=0, progress=False)
+    train, _, test = digits_mlp_data(seed=0)
+    return model, train, test
+
+
+@pytest.fixture
+def outputs():
+    """``outputs(model, batches)``: the model's outputs (eval mode) on every batch."""
+    def run(model, batches):
+        with torch.no_grad():
+            return torch.cat([model.eval()(x) for x, _ in batches])
+    return run

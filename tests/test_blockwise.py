@@ -451,3 +451,28 @@ def test_cli_compress_llm(tmp_path, capsys, monkeypatch):
     check_against_reference(model, res, out)
     with pytest.raises(SystemExit):   # exists, no --force
         main(args)
+
+
+def test_block_error_is_relative_per_token():
+    """run_states' error is the root mean over tokens of ||y - t||^2 / ||t||^2: a token
+    with a massive activation (as each sequence's first token in real decoders) weighs as
+    much as any other, and the distillation loss is the same quantity."""
+    from rmtkd.llm.states import memmap, run_states, token_error
+
+    t = torch.randn(2, 5, 8)
+    t[:, 0] *= 1e4   # massive first tokens
+    y = t.clone()
+    y[:, 1:] += 0.1 * t[:, 1:]   # 10% error on the ordinary tokens, none on the massive
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        states = memmap(Path(d) / "s", (2, 5, 8), True)
+        targets = memmap(Path(d) / "t", (2, 5, 8), True)
+        states[:], targets[:] = y.numpy(), t.numpy()
+        err = run_states(torch.nn.Identity(), lambda m, x: m(x), states, batch_size=1,
+                         device="cpu", targets=targets)
+    want = float(token_error(y.double(), t.double()).mean().sqrt())
+    assert err == pytest.approx(want, rel=1e-6)
+    assert err == pytest.approx((4 / 5) ** 0.5 * 0.1, rel=1e-4)   # 4 of 5 tokens off by 10%
+    # summed over tokens, the same error would read as ~1e-5: the massive tokens hide it
+    assert float((y - t).norm() / t.norm()) < 1e-4

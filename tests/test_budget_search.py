@@ -7,27 +7,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from rmtkd import CompressConfig, compress
 from rmtkd.engine import whole
-from rmtkd.examples import digits_mlp_data, train_digits_mlp
-
-
-@pytest.fixture(scope="module")
-def digits():
-    model, _ = train_digits_mlp(seed=0, progress=False)
-    train, _, test = digits_mlp_data(seed=0)
-    return model, train, test
 
 
 def _cfg(**kw) -> CompressConfig:
     return CompressConfig(progress=False, distill_epochs=1, distill_min_steps=30, **kw)
-
-
-def _outputs(model: nn.Module, batches) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model.eval()(x) for x, _ in batches])
 
 
 def test_with_room_every_site_cuts_past_the_edge(digits):
@@ -48,7 +34,7 @@ def test_without_past_edge_the_rule_is_the_papers(digits):
     assert all(r.k == r.mp_k == res.fits[r.site].k for r in res.history)
 
 
-def test_a_budget_of_zero_leaves_the_model_unchanged(digits):
+def test_a_budget_of_zero_leaves_the_model_unchanged(digits, outputs):
     model, train, test = digits
     # cosine to the original: any cut is below 100%, so nothing fits a budget of 0
     res = compress(model, train, eval_data=test,
@@ -57,7 +43,7 @@ def test_a_budget_of_zero_leaves_the_model_unchanged(digits):
     first, second = res.history   # each tried past the edge first; the depth then halved
     assert "2x past the edge" in first.reason and "1.5x past the edge" in second.reason
     assert res.final_params == res.original_params and res.plan == []
-    assert torch.equal(_outputs(res.model, test), _outputs(model, test))
+    assert torch.equal(outputs(res.model, test), outputs(model, test))
 
 
 def test_a_tight_budget_is_met_and_the_depth_halves_where_it_breaks(digits):
@@ -73,7 +59,7 @@ def test_a_tight_budget_is_met_and_the_depth_halves_where_it_breaks(digits):
     assert "25.5x past the edge" in second.reason or second.share == 25.5
 
 
-def test_a_resumed_job_keeps_its_depth(digits, tmp_path, monkeypatch):
+def test_a_resumed_job_keeps_its_depth(digits, tmp_path, monkeypatch, outputs):
     model, train, test = digits
     cfg = _cfg(epsilon=1.0, past_edge=50.0)
     ref = compress(model, train, eval_data=test, config=cfg)
@@ -94,7 +80,7 @@ def test_a_resumed_job_keeps_its_depth(digits, tmp_path, monkeypatch):
                    resume=True)
     assert [r.to_dict() | {"seconds": 0} for r in res.history] == \
         [r.to_dict() | {"seconds": 0} for r in ref.history]
-    assert torch.equal(_outputs(res.model, test), _outputs(ref.model, test))
+    assert torch.equal(outputs(res.model, test), outputs(ref.model, test))
 
 
 def test_past_edge_must_be_above_one():

@@ -15,28 +15,14 @@ from rmtkd import CompressConfig, CompressionResult, compress
 from rmtkd.capture import CalibrationError
 from rmtkd.cli import main
 from rmtkd.distill import NonFiniteLossError, distill
-from rmtkd.examples import digits_mlp_data, train_digits_mlp
 from rmtkd.nn import ProjectedLinear
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """(trained DigitsMLP, train batches, held-out batches)."""
-    model, _ = train_digits_mlp(seed=0, progress=False)
-    train, _, test = digits_mlp_data(seed=0)
-    return model, train, test
 
 
 def _cfg(**kw) -> CompressConfig:
     return CompressConfig(progress=False, **kw)
 
 
-def _outputs(model: nn.Module, batches) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model.eval()(x) for x, _ in batches])
-
-
-def test_compress_digits_end_to_end(digits):
+def test_compress_digits_end_to_end(digits, outputs):
     model, train, test = digits
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = compress(model, train, eval_data=test, config=_cfg())
@@ -53,7 +39,7 @@ def test_compress_digits_end_to_end(digits):
         json.dumps(r.to_dict())
     assert res.history[-1].params_after == res.final_params
     # The final metric is the model's, on the held-out data.
-    acc = (_outputs(res.model, test).argmax(1) == torch.cat([y for _, y in test])).float()
+    acc = (outputs(res.model, test).argmax(1) == torch.cat([y for _, y in test])).float()
     assert acc.mean().item() * 100 == pytest.approx(res.final_metric)
     # The caller's model is left alone.
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -71,14 +57,14 @@ def test_project_mode_uses_projected_linear(digits):
     assert res.final_params < res.original_params and len(res.plan) == 1
 
 
-def test_violation_rolls_back_every_step(digits):
+def test_violation_rolls_back_every_step(digits, outputs):
     model, train, test = digits
     res = compress(model, train, eval_data=test, config=_cfg(epsilon=-100.0))
     assert len(res.history) == 2
     assert all(r.status == "rolled back" and "epsilon" in r.reason for r in res.history)
     assert res.plan == [] and res.final_params == res.original_params
     assert res.final_metric == res.original_metric
-    assert torch.equal(_outputs(res.model, test), _outputs(model, test))
+    assert torch.equal(outputs(res.model, test), outputs(model, test))
 
 
 def test_violation_stop_ends_the_run(digits):
@@ -89,13 +75,13 @@ def test_violation_stop_ends_the_run(digits):
     assert "stopping" in res.history[0].reason
 
 
-def test_nan_during_distillation_is_rolled_back(digits):
+def test_nan_during_distillation_is_rolled_back(digits, outputs):
     model, train, test = digits
     res = compress(model, train, eval_data=test, config=_cfg(lr=float("inf")))
     assert len(res.history) == 2
     for r in res.history:
         assert r.status == "rolled back" and "diverged" in r.reason and "NaN" in r.reason
-    assert torch.equal(_outputs(res.model, test), _outputs(model, test))
+    assert torch.equal(outputs(res.model, test), outputs(model, test))
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rmtkd.capture.sites import fit_samples, make_site
+from rmtkd.capture.sites import Site, fit_samples, make_site
 from rmtkd.distill.trainer import lr_schedule
 from rmtkd.reduce import Reduction, reduce_site
 from rmtkd.reduce.maths import select_units, width_maps
@@ -114,6 +114,11 @@ def test_fit_samples_counts_images_for_conv_sites():
     assert fit_samples(lin, rows=40_000, samples=200) == 40_000
     with pytest.raises(ValueError, match="conv_samples"):
         fit_samples(conv, 10, 2, conv_samples="pixels")
+    emb = Site("e:output", "e", "embedding", 8, "output")
+    assert fit_samples(emb, rows=40_000, samples=200, distinct=37) == 37
+    assert fit_samples(emb, rows=30, samples=2, distinct=37) == 30
+    with pytest.raises(ValueError, match="distinct"):
+        fit_samples(emb, rows=40_000, samples=200)
 
 
 def test_lr_schedule_ramps_then_decays_to_zero():

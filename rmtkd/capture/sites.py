@@ -98,7 +98,8 @@ def batch_size(batch: Any) -> int:
 CONV_SAMPLES = ("images", "positions")
 
 
-def fit_samples(site: Site, rows: int, samples: int, conv_samples: str = "images") -> int:
+def fit_samples(site: Site, rows: int, samples: int, conv_samples: str = "images",
+                distinct: int | None = None) -> int:
     """The sample count n for the spectral fit of ``site``.
 
     ``rows``: the covariance's rows (every spatial position of a conv site, every unmasked
@@ -107,12 +108,19 @@ def fit_samples(site: Site, rows: int, samples: int, conv_samples: str = "images
     ``conv_samples="images"`` (the default) the fit counts the images, a conservative
     effective sample size: counting the positions as independent (``"positions"``) makes
     the MP bulk far too narrow and almost every direction a spike (on the MNIST ResNet
-    example, k = 57-63 of 64 channels instead of 24-27). Other sites count their rows.
+    example, k = 57-63 of 64 channels instead of 24-27). An embedding site's rows are rows
+    of its table, so a repeated token is one sample: it counts the ``distinct`` tokens
+    seen (:func:`rmtkd.capture.stream.distinct_inputs`). Other sites count their rows.
     """
     if conv_samples not in CONV_SAMPLES:
         raise ValueError(f"conv_samples must be one of {CONV_SAMPLES}, got {conv_samples!r}")
     if site.kind == "conv2d" and conv_samples == "images" and 2 <= samples < rows:
         return samples
+    if site.kind == "embedding":
+        if distinct is None:
+            raise ValueError(f"embedding site {site.name!r}: pass the number of distinct "
+                             f"tokens seen (distinct=)")
+        return min(rows, distinct)
     return rows
 
 

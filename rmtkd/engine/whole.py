@@ -338,10 +338,9 @@ class WholeModel(Strategy):
         collect = collect_sharded_statistics if self.multi else collect_statistics
         stats = collect(self.model, self.calib, [site], progress=False,
                         acc_dtype=self.acc_dtype)[site.name]
-        if site.kind == "embedding":   # a repeated token is one sample of the table
-            n = min(stats.n, distinct_inputs(self.model, self.calib, site.module_name))
-        else:
-            n = fit_samples(site, stats.n, self.n_calib, self.cfg.conv_samples)
+        distinct = distinct_inputs(self.model, self.calib, site.module_name) \
+            if site.kind == "embedding" else None
+        n = fit_samples(site, stats.n, self.n_calib, self.cfg.conv_samples, distinct)
         return {site.name: (stats, n)}
 
     def metric(self) -> float:
