@@ -15,6 +15,7 @@ forward pass, which touches every weight), and the peak RSS right after the impo
 
     python bench/bench_blockwise_memory.py                 # L = 2: 2, 8, 32 layers
     python bench/bench_blockwise_memory.py --layers 1 --calib-tokens 2048   # quicker
+    python bench/bench_blockwise_memory.py --residual      # with the residual-stream cut
 
 Writes bench/results/blockwise_memory-<host>-<UTC time>.json and prints a table.
 """
@@ -64,9 +65,11 @@ if mode == "compress":
                                 progress=False, blockwise=engine.BlockwiseSettings(
                                     calib_tokens=args["calib_tokens"],
                                     seq_len=args["seq_len"], batch_size=args["batch_size"],
-                                    device=args["device"], ppl_ratio=None))
+                                    device=args["device"], ppl_ratio=None,
+                                    residual=args["residual"]))
     res = engine.compress_blockwise(model_dir, ids, out=out, config=cfg)
-    info = {"params_before": res.params_before, "params_after": res.params_after}
+    info = {"params_before": res.params_before, "params_after": res.params_after,
+            "residual_k": None if res.residual is None else res.residual["k"]}
 elif mode == "load":
     m = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():   # touch every weight (they may be lazily mapped from the file)
@@ -109,6 +112,8 @@ def main() -> None:
     ap.add_argument("--mode", default="width", choices=("width", "project"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--residual", action="store_true",
+                    help="cut the residual stream too (BlockwiseSettings.residual)")
     ap.add_argument("--no-full-load", action="store_true",
                     help="skip the whole-model from_pretrained reference")
     a = ap.parse_args()
@@ -118,7 +123,7 @@ def main() -> None:
 
     args = {k: getattr(a, k) for k in ("calib_tokens", "seq_len", "batch_size",
                                         "distill_epochs", "mode", "device", "threads",
-                                        "vocab")}
+                                        "vocab", "residual")}
     rows, runs = [], []
     with tempfile.TemporaryDirectory(prefix="bench-blockwise-") as tmp:
         tmp = Path(tmp)
@@ -152,7 +157,7 @@ def main() -> None:
     headers = ["layers", "model MiB", "peak RSS MiB", "above import MiB",
                "full load RSS MiB", "peak CUDA MiB", "params", "compress s"]
     print_table(headers, rows)
-    path = write_json("blockwise_memory", {
+    path = write_json("blockwise_memory" + ("-residual" if a.residual else ""), {
         "machine": machine_info(), "gpu": gpu_info(), "settings": vars(a),
         "note": "peak RSS = VmHWM of a fresh child running compress_blockwise on the "
                 "save_pretrained directory (ru_maxrss_mib: the child's ru_maxrss, which "

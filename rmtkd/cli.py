@@ -257,8 +257,8 @@ def _add_compress_llm_parser(sub: Any) -> None:
                    f"the MP spikes, bisected to the budget (default "
                    f"{'on' if B.residual else 'off'})")
     g.add_argument("--residual-share", type=float, default=B.residual_share,
-                   help=f"the residual cut alone may reach ppl_ratio ** this before the "
-                   f"blocks' distillation (default {B.residual_share})")
+                   help=f"the share of the budget (log perplexity) the residual cut alone "
+                   f"may spend, in (0, 1] (default {B.residual_share})")
     g.add_argument("--calib-tokens", type=int, default=B.calib_tokens,
                    help=f"calibration tokens (default {B.calib_tokens})")
     g.add_argument("--seq-len", type=int, default=B.seq_len,

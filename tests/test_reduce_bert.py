@@ -194,15 +194,21 @@ def test_attention_width_k_lt_head_dim_exact_projection(ks):
     res = reduce_site(model, red)
     assert res.applied
     K = red.k
-    saved = (2 * H * H + 2 * H) - (H * K + K + K * H + H)
-    assert count(model) == res.params_after == before - saved
-    torch.testing.assert_close(out(model), out(reference), rtol=0, atol=1e-10)
     dims = [ks] * HEADS if isinstance(ks, int) else ks
-    assert [b['value_heads'] for b in model.config.rmtkd_blocks] == [None, dims]
+    kept = [d for d in dims if d]
+    # a head without value dims is removed whole: its query and key rows (and biases) too
+    saved = (2 * H * H + 2 * H) - (H * K + K + K * H + H) + \
+        (HEADS - len(kept)) * 2 * (HD * H + HD)
+    assert count(model) == res.params_after == before - saved
+    self_attn = model.bert.encoder.layer[1].attention.self
+    assert self_attn.query.out_features == self_attn.key.out_features == len(kept) * HD
+    torch.testing.assert_close(out(model), out(reference), rtol=0, atol=1e-10)
+    assert [b['value_heads'] for b in model.config.rmtkd_blocks] == [None, kept]
     # reducing the same site again (now a HeadSelectLinear consumer, its input the padded
-    # context) composes: the cut model with that input x replaced by P2 x (no mean)
-    red2 = head_reduction("s", name, A @ A.T, HEADS, [min(1, d) for d in dims])
-    reference2 = project_hook(copy.deepcopy(model), name, red2.basis, torch.zeros(H))
+    # context of the heads kept) composes: the cut model with that input x replaced by P2 x
+    n = len(kept) * HD
+    red2 = head_reduction("s", name, (A @ A.T)[:n, :n], len(kept), [min(1, d) for d in kept])
+    reference2 = project_hook(copy.deepcopy(model), name, red2.basis, torch.zeros(n))
     once = out(model)
     assert reduce_site(model, red2).applied
     assert rel(out(model), out(reference2)) < 1e-10

@@ -128,7 +128,14 @@ def test_attention_matches_projection_hook(with_mean, family):
         bias_o = HID if with_mean else 0
         expect = before - HID * KV * HD - HID * HEADS * HD - (KV * HD if bias_v else 0) \
             + HID * sum(ks) + bias_v + HID * (HEADS // KV) * sum(ks) + bias_o
+        # a kv head without value dims is removed whole: its key and its query heads too
+        gone = ks.count(0)
+        per_bias = 1 if family == "qwen2" else 0
+        expect -= gone * ((HEADS // KV) * HD * (HID + per_bias) + HD * (HID + per_bias))
         assert rec["params_after"] == count(layer) == expect
+        assert layer.self_attn.q_proj.out_features == (KV - gone) * (HEADS // KV) * HD
+        assert layer.self_attn.k_proj.out_features == (KV - gone) * HD
+        assert layer.self_attn.v_proj.head_dims == [k for k in ks if k]
     got, want = hidden(model), hidden(reference)
     assert max_diff(got, want) < 1e-10
     assert max_diff(got, orig) > 1e-4          # the projection did change the model
@@ -458,3 +465,30 @@ def test_unsupported_layouts(tmp_path):
     with pytest.raises(UnsupportedModelError, match="could not rebuild"):
         rmtkd.save(model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_removed_kv_head_round_trips(tmp_path):
+    """A key-value head cut to 0 value dims is removed with its key and its group's query
+    heads; the model saves, loads (rmtkd and transformers' trust_remote_code) and computes
+    the same logits, and generates with the KV cache."""
+    model = llama(dtype=torch.float32)
+    st = stats(model)
+    layer = llama_layers(model)[0][1]
+    mean, cov = st[("v", 0)]
+    cut_values(layer, mean, cov, [0, 5])
+    attn = layer.self_attn
+    assert attn.q_proj.out_features == (HEADS // KV) * HD and attn.k_proj.out_features == HD
+    assert record_widths(model)[0]["heads"] == HEADS // KV
+    assert record_widths(model)[0]["kv_heads"] == 1
+    rmtkd.save(model, tmp_path / "m")
+    x = ids(2, 9)
+    loaded = rmtkd.load(tmp_path / "m")
+    remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m",
+                                                               trust_remote_code=True)
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        assert torch.equal(loaded(input_ids=x).logits, want)
+        assert torch.allclose(remote(input_ids=x).logits, want, atol=1e-5)
+        g1 = model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        g2 = remote.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(g1, g2)

@@ -233,3 +233,9 @@ def test_residual_width_is_a_multiple_of_the_heads(tmp_path):
     out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o",
                                                             trust_remote_code=True)
     assert out.config.hidden_size == k
+
+
+@pytest.mark.parametrize("share", [0.0, 1.5, float("nan")])
+def test_residual_share_is_a_share_of_the_budget(share):
+    with pytest.raises(ValueError, match="residual_share"):
+        BlockwiseSettings(residual_share=share).validate()

@@ -51,7 +51,8 @@ class BlockwiseSettings:
     :meth:`rmtkd.engine.blockwise.Blockwise._residual_cut`).
     residual_share: the residual cut alone, before any distillation, may reach
     ``ppl_ratio ** residual_share``; the blocks' allowances then run from there to
-    ``ppl_ratio`` (above 1: the local distillation must win the excess back).
+    ``ppl_ratio``. At most 1: the cut is global and cannot be rolled back per block, and
+    the local distillation does not win much of it back (SmolLM2, BENCHMARKS.md).
     """
 
     calib_tokens: int = 16384
@@ -79,9 +80,9 @@ class BlockwiseSettings:
                                                and self.ppl_ratio >= 1.0):
             raise ValueError(f"blockwise.ppl_ratio must be >= 1 (or None), got "
                              f"{self.ppl_ratio}")
-        if not (math.isfinite(self.residual_share) and self.residual_share > 0):
-            raise ValueError(f"blockwise.residual_share must be > 0, got "
-                             f"{self.residual_share}")
+        if not 0 < self.residual_share <= 1:
+            raise ValueError(f"blockwise.residual_share must be in (0, 1] (the share of the "
+                             f"budget the residual cut may spend), got {self.residual_share}")
         if self.ppl_ratio is not None and self.heldout_tokens < 2:
             raise ValueError("a perplexity budget (blockwise.ppl_ratio) needs held-out "
                              "tokens (blockwise.heldout_tokens >= 2)")

@@ -28,7 +28,9 @@ Contents:
   recorded as ``config.rmtkd_residual = {"hidden_size": d, "final_norm_mix": true}`` with
   its path in ``rmtkd_layout["final_norm"]``.
 - :func:`reshape`: reshape a freshly built model from ``config.rmtkd_blocks`` (per block:
-  ``{"mlp": inner width, "value_heads": kept dims per key-value head or None, "ranks":
+  ``{"mlp": inner width, "value_heads": kept dims per kept key-value head or None,
+  "heads", "kv_heads": the query / key-value heads kept (a head without value dims is
+  removed with its key and query rows), "ranks":
   {linear: rank}, "biases": {linear: has bias}}``) and ``config.rmtkd_layout`` (the block
   paths and, per block, the relative paths of its projections; written by
   ``rmtkd.adapters.TransformerAdapter.layout_record``). Only these strings are used to walk
@@ -361,12 +363,19 @@ def reshape_block(block: nn.Module, spec: dict, widths: dict, *, index: int = 0,
                 set_attr(block, attr, int(size))
     dims = widths.get("value_heads")
     if dims is not None:
-        heads, kv_heads, head_dim = int(spec["heads"]), int(spec["kv_heads"]), \
-            int(spec["head_dim"])
-        group = int(spec.get("group") or heads // kv_heads)
+        # the heads kept (whole heads may be removed), else the layout's
+        heads = int(widths.get("heads") or spec["heads"])
+        kv_heads = int(widths.get("kv_heads") or spec["kv_heads"])
+        head_dim = int(spec["head_dim"])
+        group = heads // kv_heads
         if len(dims) != kv_heads:
             raise ValueError(f"recorded value head dims {dims} do not match {kv_heads} "
                              f"key-value heads of block {index}")
+        for rel, n in ((spec["q"], heads), (spec["k"], kv_heads)):
+            old = get(block, rel)
+            if type(old) is nn.Linear and old.out_features != n * head_dim:
+                set_attr(block, rel, _new_linear(old.in_features, n * head_dim, old,
+                                                 has(rel), empty))
         v_rel, o_rel = spec["v"], spec["o"]
         v, o = get(block, v_rel), get(block, o_rel)
         rv, ro = _weight(v), _weight(o)

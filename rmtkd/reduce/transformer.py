@@ -233,21 +233,47 @@ def value_replacements(block: nn.Module, spec: BlockSpec, bases: Sequence[torch.
         r = m - Pv @ (Pv.T @ m)                         # (I - P) mean per kv head
         r_q = r.view(Hkv, 1, hd).expand(Hkv, rep, hd).reshape(H * hd)
         bo = wo @ r_q + (0 if bo is None else bo)
+    # A key-value head that keeps no value dim is removed whole: its key and its group's
+    # query heads too (where q and k are plain Linears), so nothing is computed for it.
+    # The function is the same: the head's output was its value mean, now in o's bias.
+    q_mod, k_mod = get(block, a.q), get(block, a.k)
+    kept = [g for g in range(Hkv) if ks[g] > 0]
+    removable = len(kept) < Hkv and type(q_mod) is nn.Linear and type(k_mod) is nn.Linear
+    heads_kept = kept if removable else list(range(Hkv))
+    q_rows = [h for g in heads_kept for h in range(g * rep, (g + 1) * rep)]
     ref_v = v_mod.linear if isinstance(v_mod, HeadPaddedLinear) else v_mod
     ref_o = o_mod.linear if isinstance(o_mod, HeadSelectLinear) else o_mod
-    value = HeadPaddedLinear(wv.shape[1], ks, hd, bias=bv is not None,
-                             device=ref_v.weight.device, dtype=ref_v.weight.dtype)
-    out = HeadSelectLinear([ks[h // rep] for h in range(H)], hd, wo.shape[0],
+    value = HeadPaddedLinear(wv.shape[1], [ks[g] for g in heads_kept], hd,
+                             bias=bv is not None, device=ref_v.weight.device,
+                             dtype=ref_v.weight.dtype)
+    out = HeadSelectLinear([ks[h // rep] for h in q_rows], hd, wo.shape[0],
                            bias=bo is not None, device=ref_o.weight.device,
                            dtype=ref_o.weight.dtype)
     with torch.no_grad():
         value.linear.weight.copy_(Pv.T @ wv)
         if bv is not None:
             value.linear.bias.copy_(Pv.T @ bv)
-        out.linear.weight.copy_(wo @ Po)
+        out.linear.weight.copy_(wo @ Po)   # a removed head's rows of Po are zero
         if bo is not None:
             out.linear.bias.copy_(bo)
-    return {a.v: value.train(ref_v.training), a.o: out.train(ref_o.training)}
+    new = {a.v: value.train(ref_v.training), a.o: out.train(ref_o.training)}
+    if removable:
+        new[a.q] = _rows(q_mod, q_rows, hd)
+        new[a.k] = _rows(k_mod, heads_kept, hd)
+    return new
+
+
+def _rows(linear: nn.Linear, heads: Sequence[int], head_dim: int) -> nn.Linear:
+    """A copy of ``linear`` keeping the output rows of ``heads`` (blocks of head_dim)."""
+    idx = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads]
+                    ).to(linear.weight.device)
+    new = nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[idx])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[idx])
+    return new.train(linear.training)
 
 
 def kept_value_dims(block: nn.Module, spec: BlockSpec) -> list[int]:
@@ -386,8 +412,10 @@ def block_widths(block: nn.Module, spec: BlockSpec) -> dict:
     """One block's width record (see the module docstring)."""
     v = get(block, spec.attention.v)
     width = getattr(get(block, spec.mlp.consumer), "in_features", None)
+    a = spec.attention
     return {"mlp": None if width is None else int(width),
             "value_heads": list(v.head_dims) if isinstance(v, HeadPaddedLinear) else None,
+            "heads": int(a.heads), "kv_heads": int(a.kv_heads),
             "ranks": {rel: int(get(block, rel).rank) for rel in spec.linears
                       if isinstance(get(block, rel), ProjectedLinear)},
             "biases": {rel: _has_bias(get(block, rel)) for rel in spec.linears
