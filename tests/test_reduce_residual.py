@@ -239,3 +239,28 @@ def test_residual_width_is_a_multiple_of_the_heads(tmp_path):
 def test_residual_share_is_a_share_of_the_budget(share):
     with pytest.raises(ValueError, match="residual_share"):
         BlockwiseSettings(residual_share=share).validate()
+
+
+def test_recovery_is_kept_only_where_the_perplexity_does_not_rise(tmp_path, monkeypatch):
+    """No inner cut (no site matches): every block is the sliced original, distilled
+    towards the original stream ("recovery"). On this random model the recovery lowers the
+    blocks' token error but raises the held-out perplexity a little, so it is undone and
+    the job ends at the residual cut's own perplexity; where the perplexity falls (here
+    made to, by scaling what the job measures with a recovered block) it is kept."""
+    from rmtkd.engine.blockwise import Blockwise
+
+    model = decoder("llama", True, layers=2)
+    cfg = job_cfg(ppl_ratio=1.5, sites=["nothing*"])
+    res = compress_blockwise(model, data(), out=tmp_path / "o", config=cfg)
+    assert res.residual["k"] < HID
+    assert res.final_ppl == res.residual["ppl"]
+    real = Blockwise._heldout_ppl
+
+    def better_with_a_new_layer(self, layer, i, states):
+        p = real(self, layer, i, states)
+        return p / 2 if layer is not None else p
+
+    monkeypatch.setattr(Blockwise, "_heldout_ppl", better_with_a_new_layer)
+    kept = compress_blockwise(model, data(), out=tmp_path / "o2", config=cfg)
+    assert kept.final_ppl < 0.6 * kept.residual["ppl"]   # block 0's recovery kept
+    assert kept.params_after == res.params_after

@@ -707,7 +707,8 @@ class Blockwise(Strategy):
     def _recover(self, i: int) -> bool:
         """An uncut block of a job whose residual stream is cut still lost what the slice
         dropped: distil it locally to the original model's outputs (kept when it lowers
-        the error). True when kept."""
+        the error and, with a budget, does not raise the held-out perplexity: measured,
+        the recovery of SmolLM2's last block raised it). True when kept."""
         if self.cfg.distill_epochs <= 0:
             return False
         run_fn, cur = self._run(i), self.files[self.state["current"]]
@@ -721,6 +722,11 @@ class Blockwise(Strategy):
                            batch_size=self.b.batch_size, device=self.dev)
         if not after < before:
             return False
+        if self.budgeted:   # kept only when the held-out perplexity does not rise
+            ppl = self._heldout_ppl(layer, i, self.held_states)
+            if not ppl <= self.state["current_ppl"]:
+                return False
+            self.state["current_ppl"] = ppl
         self.layer, self.next_ready = layer, False
         return True
 
@@ -730,7 +736,8 @@ class Blockwise(Strategy):
     def finish(self, unit: Unit, recs: list[StepRecord]) -> None:
         i, b = unit.index, self.b
         cur, nxt = self.state["current"], self._next()
-        recovered = self.layer is self.orig and self.rot is not None and self._recover(i)
+        if self.layer is self.orig and self.rot is not None:
+            self._recover(i)
         layer = self.layer
         dtype = self.src.dtype()
         stored = {k: v.to(dtype) for k, v in layer.state_dict().items()}
@@ -752,8 +759,6 @@ class Blockwise(Strategy):
         if self.held_states is not None:
             self.held_states = _run_all(layer, run_fn, self.held_states, b.batch_size,
                                         self.dev).cpu()
-            if recovered and self.budgeted:
-                self.state["current_ppl"] = self._heldout_ppl(None, i, self.held_states)
         if self.rot is not None:
             ocur = self.state["orig_current"]
             onxt = "b" if ocur == "a" else "a"
