@@ -8,6 +8,10 @@ Llama, Qwen2, Mistral) compressed one decoder block at a time in bounded memory.
    ``.<out>.work``; ``blockwise.heldout_tokens`` of the text after the calibration part
    (spread over it, never calibrated on) are held out for the perplexity budget, and their
    hidden states kept beside;
+   With ``blockwise.residual`` the residual stream is cut first (:meth:`Blockwise.
+   _residual_cut`, :mod:`rmtkd.reduce.residual`): one basis for the whole model, k by MP
+   then bisected to the budget; the states are then k wide, every block is built in that
+   basis, and its targets come from the original model's stream (a d-wide memmap);
 2. per block i (:func:`rmtkd.engine.loop.run`): build the family's decoder layer with its
    weights; run it on the stored states -> the local teacher targets (a second memmap)
    while hooks feed one covariance accumulator per site (n = N*T tokens); fit the spectra
