@@ -279,7 +279,8 @@ def test_bert_value_width_surgery_keeps_every_tensor_on_the_model_device(device)
     attn = model.encoder.layer[0].attention
     assert isinstance(attn.self.value, HeadPaddedLinear)
     assert isinstance(attn.output.dense, HeadSelectLinear)
-    assert attn.self.value.head_dims == [3, 2, 0, 8]
+    assert attn.self.value.head_dims == [3, 2, 8]   # the head without values is removed
+    assert attn.self.query.out_features == attn.self.key.out_features == 3 * (H // HEADS)
     off = [(n, str(t.device)) for n, t in [*model.named_parameters(), *model.named_buffers()]
            if t.device.type != torch.device(device).type]
     assert off == []

@@ -69,7 +69,7 @@ def widths(model):
 
 
 def reduced(cls=BertForSequenceClassification):
-    """Layer 0: FFN width 16; layer 1: attention value width, per-head k = [2, 3, 0, 5];
+    """Layer 0: FFN width 16; layer 1: attention value width, per-head k = [2, 3, 0, 5] (head 2 removed whole);
     layer 2: FFN project (rank 9) and attention project (rank 10)."""
     model = bert(cls)
     p = "bert.encoder.layer" if cls is not BertModel else "encoder.layer"
@@ -98,14 +98,16 @@ def test_reduced_sequence_classifier_round_trip(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["architectures"] == ["BertForSequenceClassification"]
     assert [b["mlp"] for b in cfg["rmtkd_blocks"]] == [16, FF, FF]
-    assert [b["value_heads"] for b in cfg["rmtkd_blocks"]] == [None, [2, 3, 0, 5], None]
+    # the head cut to 0 value dims is removed whole (its query and key rows too)
+    assert [b["value_heads"] for b in cfg["rmtkd_blocks"]] == [None, [2, 3, 5], None]
+    assert [b["heads"] for b in cfg["rmtkd_blocks"]] == [HEADS, HEADS - 1, HEADS]
     assert [b["ranks"] for b in cfg["rmtkd_blocks"]] == [{}, {}, {"output.dense": 9,
                                                      "attention.output.dense": 10}]
 
     loaded = rmtkd.load(tmp_path / "m")
     assert type(loaded) is BertForSequenceClassification and not loaded.training
     assert widths(loaded) == widths(model) == [
-        (16, None, {}), (FF, [2, 3, 0, 5], {}),
+        (16, None, {}), (FF, [2, 3, 5], {}),
         (FF, None, {"output.dense": 9, "attention.output.dense": 10})]
     layer1 = loaded.bert.encoder.layer[1].attention
     assert isinstance(layer1.self.value, HeadPaddedLinear)
