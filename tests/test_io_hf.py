@@ -69,8 +69,8 @@ def widths(model):
 
 
 def reduced(cls=BertForSequenceClassification):
-    """Layer 0: FFN width 16; layer 1: attention value width, per-head k = [2, 3, 0, 5] (head 2 removed whole);
-    layer 2: FFN project (rank 9) and attention project (rank 10)."""
+    """Layer 0: FFN width 16; layer 1: attention value width, per-head k = [2, 3, 0, 5]
+    (head 2 removed whole); layer 2: FFN project (rank 9) and attention project (rank 10)."""
     model = bert(cls)
     p = "bert.encoder.layer" if cls is not BertModel else "encoder.layer"
     g = torch.Generator().manual_seed(7)
