@@ -477,7 +477,6 @@ class Blockwise(Strategy):
         tied = self.src.tied()
         new = rotate_head(g, None if tied else self.src.lm_head().float(), basis,
                           self.config.hidden_size)
-        norm = family.final_norm(config_k, new["norm"])
         if tied:
             from ..hf.modeling_rmtkd import MixedRMSNorm
 
@@ -487,7 +486,7 @@ class Blockwise(Strategy):
                 norm.mix.copy_(new["mix"])
             head = rotate_embedding(self.src.get(EMBED).float(), basis)
         else:
-            head = new["head"]
+            norm, head = family.final_norm(config_k, new["norm"]), new["head"]
         return norm.to(self.dev).eval(), head.to(self.dev)
 
     def _allowance(self, i: int) -> float:
@@ -526,7 +525,9 @@ class Blockwise(Strategy):
         unit.sites, unit.kv_heads = sites, kv
         self.spec = spec
         cur = self.state["current"]
-        self.accs = teacher_pass(self.orig, self._run(i), self.files[cur], self.targets,
+        # with the residual stream cut the targets come from the original stream instead
+        self.accs = teacher_pass(self.orig, self._run(i), self.files[cur],
+                                 None if self.rot is not None else self.targets,
                                  batch_size=self.b.batch_size, device=self.dev,
                                  sites={s.name: (s.module_name, s.where) for s in sites},
                                  acc_dtype=getattr(torch, self.cfg.acc_dtype))

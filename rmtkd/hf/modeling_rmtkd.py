@@ -409,6 +409,15 @@ def _config_value(config: Any, key: str) -> Any:
     return getattr(config, key, None)
 
 
+def _layout_path(layout: Any, key: str, record: str) -> str:
+    """The full module name ``layout[key]`` that the config record ``record`` needs."""
+    path = layout.get(key) if isinstance(layout, dict) else None
+    if not isinstance(path, str):
+        raise ValueError(f"the config records {record} but its layout ({LAYOUT_KEY}) names "
+                         f"no {key!r} path; save the model again with a current rmtkd")
+    return path
+
+
 def reshape(model: nn.Module, blocks: list[dict] | None = None, layout: dict | None = None,
             *, projected: Callable[..., nn.Module] | None = None, empty: bool = False
             ) -> nn.Module:
@@ -431,19 +440,10 @@ def reshape(model: nn.Module, blocks: list[dict] | None = None, layout: dict | N
     if layout is None:
         layout = _config_value(config, LAYOUT_KEY)
     if residual and residual.get("final_norm_mix"):
-        path = layout.get("final_norm") if isinstance(layout, dict) else None
-        if not isinstance(path, str):
-            raise ValueError(f"the config records a final-norm mix ({RESIDUAL_KEY}) but its "
-                             f"layout ({LAYOUT_KEY}) names no final norm; save the model "
-                             f"again with a current rmtkd")
-        reshape_final_norm(model, path, residual)
+        reshape_final_norm(model, _layout_path(layout, "final_norm", RESIDUAL_KEY),
+                           residual)
     if embedding:
-        path = layout.get("embedding") if isinstance(layout, dict) else None
-        if not isinstance(path, str):
-            raise ValueError(f"the config records a factorised embedding ({EMBEDDING_KEY}) "
-                             f"but its layout ({LAYOUT_KEY}) names no embedding path; save "
-                             f"the model again with a current rmtkd")
-        reshape_embedding(model, path, embedding)
+        reshape_embedding(model, _layout_path(layout, "embedding", EMBEDDING_KEY), embedding)
     if not blocks:
         return model
     if not isinstance(layout, dict) or not isinstance(layout.get("blocks"), list):

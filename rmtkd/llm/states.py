@@ -35,11 +35,12 @@ def read_rows(mm: np.memmap, a: Any, b: Any = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_pass(layer: nn.Module, run: Run, states: np.memmap, targets: np.memmap, *,
+def teacher_pass(layer: nn.Module, run: Run, states: np.memmap,
+                 targets: np.memmap | None, *,
                  batch_size: int, device: Any, sites: dict[str, tuple[str, str]],
                  acc_dtype: torch.dtype) -> dict[str, CovarianceAccumulator]:
-    """The layer on the stored states -> ``targets``; on the way, one covariance
-    accumulator per site (``{site name: (module name, "input" | "output")}``)."""
+    """The layer on the stored states -> ``targets`` (unless None); on the way, one
+    covariance accumulator per site (``{site name: (module name, "input" | "output")}``)."""
     accs: dict[str, CovarianceAccumulator] = {}
     handles = []
 
@@ -60,7 +61,8 @@ def teacher_pass(layer: nn.Module, run: Run, states: np.memmap, targets: np.memm
     try:
         for a, b in chunks(states.shape[0], batch_size):
             y = run(layer, read_rows(states, a, b).to(device))
-            targets[a:b] = y.float().cpu().numpy()
+            if targets is not None:
+                targets[a:b] = y.float().cpu().numpy()
     finally:
         for h in handles:
             h.remove()

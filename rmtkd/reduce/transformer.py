@@ -265,15 +265,9 @@ def value_replacements(block: nn.Module, spec: BlockSpec, bases: Sequence[torch.
 
 def _rows(linear: nn.Linear, heads: Sequence[int], head_dim: int) -> nn.Linear:
     """A copy of ``linear`` keeping the output rows of ``heads`` (blocks of head_dim)."""
-    idx = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads]
-                    ).to(linear.weight.device)
-    new = nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[idx])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias[idx])
-    return new.train(linear.training)
+    idx = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+    return _linear(f64(linear.weight)[idx],
+                   None if linear.bias is None else f64(linear.bias)[idx], linear)
 
 
 def kept_value_dims(block: nn.Module, spec: BlockSpec) -> list[int]:
