@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import (AttentionSpec, BlockSpec, CoupledDim, MLPSpec, ModelStructure, NormSpec,
-                   UnsupportedArchitectureError, get)
+                   StreamSpec, UnsupportedArchitectureError, get)
 from .bert import BertAdapter
 from .llama import LlamaAdapter
 from .sequential import SequentialAdapter
@@ -28,7 +28,7 @@ from .transformer import Layout, TransformerAdapter
 ADAPTERS: list[TransformerAdapter] = [BertAdapter(), LlamaAdapter()]
 
 __all__ = ["ADAPTERS", "AttentionSpec", "BlockSpec", "CoupledDim", "Layout", "MLPSpec",
-           "ModelStructure", "NormSpec", "SequentialAdapter", "TransformerAdapter",
+           "ModelStructure", "NormSpec", "SequentialAdapter", "StreamSpec", "TransformerAdapter",
            "UnsupportedArchitectureError", "adapter_for", "block_modules", "get",
            "hf_classes", "register_adapter"]
 

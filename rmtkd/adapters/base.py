@@ -18,7 +18,7 @@ from typing import Any, Literal
 from torch import nn
 
 NORM_KINDS = ("layernorm", "rmsnorm")
-DIM_KINDS = ("mlp_width", "value_width")
+DIM_KINDS = ("mlp_width", "value_width", "embedding_rank", "residual_width")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -94,8 +94,9 @@ class CoupledDim:
     """A dimension that one cut changes in several modules at once.
 
     ``kind``: "mlp_width" (a block's MLP inner width), "value_width" (the value width per
-    key-value head) or "embedding_rank" (the rank of the token-embedding table; ``block``
-    None). ``capture``: the module whose ``where`` ("input"/"output") activation is
+    key-value head), "embedding_rank" (the rank of the token-embedding table; ``block``
+    None) or "residual_width" (the hidden units of a post-norm encoder's residual stream,
+    :class:`StreamSpec`; ``block`` None, ``capture`` its first state). ``capture``: the module whose ``where`` ("input"/"output") activation is
     analysed; ``writers`` / ``readers``: the modules (full names) that produce and consume
     the dimension.
     """
@@ -110,6 +111,23 @@ class CoupledDim:
     @property
     def site_name(self) -> str:
         return f"{self.capture}:{self.where}"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """The residual stream of a post-norm encoder, as one width cut keeps k of its d units
+    (full module names). ``tables``: the embedding tables summed into it (their columns are
+    cut); ``states``: the norms whose outputs are the stream, in execution order;
+    ``readers[i]``: the Linears reading state i (their input columns); ``writers``: the
+    Linears adding into a residual sum (their output rows); ``lift``: the last state, mapped
+    back to d units because the model's output carries it (None where only ``readers`` of
+    the last state consume it, e.g. a pooler)."""
+
+    tables: tuple[str, ...]
+    states: tuple[str, ...]
+    readers: tuple[tuple[str, ...], ...]
+    writers: tuple[str, ...]
+    lift: str | None
 
 
 @dataclass(frozen=True)

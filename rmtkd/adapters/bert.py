@@ -22,7 +22,9 @@ LAYOUT = Layout(
            NormSpec("output.LayerNorm", "layernorm", "post")),
     value_site="o_input",
     embeddings="embeddings", token_embedding="embeddings.word_embeddings",
-    final_norm=None, head="classifier")
+    final_norm=None, head="classifier",
+    embedding_norm="LayerNorm", pooler="pooler.dense",
+    pooled_classes=("BertForSequenceClassification", "BertForMultipleChoice"))
 
 HF_CLASSES = ("BertModel", "BertForSequenceClassification", "BertForMaskedLM",
               "BertForTokenClassification", "BertForQuestionAnswering",

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from .base import (AttentionSpec, BlockSpec, CoupledDim, MLPSpec, ModelStructure, NormSpec,
-                   UnsupportedArchitectureError, get)
+                   StreamSpec, UnsupportedArchitectureError, get)
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,13 @@ class Layout:
     #: it when it is cut; None: ``intermediate_size`` of the module holding the consumer,
     #: where that is an int
     mlp_width_attrs: tuple[str, ...] | None = None
+    #: post-norm families whose residual stream can be cut by unit selection: the norm of
+    #: the embeddings (relative to ``embeddings``) and the pooler's Linear (relative to the
+    #: model that holds the blocks' list's parent), else None
+    embedding_norm: str | None = None
+    pooler: str | None = None
+    #: model classes whose output reads the last state only through the pooler (no lift)
+    pooled_classes: tuple[str, ...] = ()
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -203,11 +210,49 @@ class TransformerAdapter:
         return self.layout.value_norm is not None and isinstance(
             get(block, self.layout.value_norm), nn.Module)
 
+    def stream(self, model: nn.Module) -> StreamSpec | None:
+        """The residual stream of a post-norm ``model`` (:class:`StreamSpec`), or None where
+        the family has none to cut by units (pre-norm decoders: :mod:`rmtkd.reduce.residual`)
+        or ``model`` does not hold its embeddings (a bare block)."""
+        L = self.layout
+        mods = self.block_modules(model)
+        if L.embedding_norm is None or not mods or any(n.placement != "post" for n in L.norms):
+            return None
+        named = dict(model.named_modules())
+        emb = [n for n in named if n == L.embeddings or n.endswith("." + L.embeddings)]
+        if len(emb) != 1:
+            return None
+        emb = emb[0]
+        tables = tuple(n for n, m in named.items() if n.startswith(emb + ".") and (
+            isinstance(m, nn.Embedding) or hasattr(m, "num_embeddings"))
+            and "." not in n[len(emb) + 1:])
+        states, readers, writers = [f"{emb}.{L.embedding_norm}"], [], []
+        for name, block in mods:
+            spec = self.block_spec(block, name)
+            a, m = spec.attention, spec.mlp
+            readers.append(tuple(spec.full(r) for r in (a.q, a.k, a.v)))
+            states.append(spec.full(L.norms[0].name))
+            readers.append(tuple(spec.full(p) for p in m.producers))
+            states.append(spec.full(L.norms[1].name))
+            writers.extend((spec.full(a.o), spec.full(m.consumer)))
+        pooled = type(model).__name__ in L.pooled_classes
+        pooler = [n for n in named if L.pooler and (n == L.pooler or
+                                                    n.endswith("." + L.pooler))]
+        readers.append(tuple(pooler) if pooled else ())
+        return StreamSpec(tables, tuple(states), tuple(readers), tuple(writers),
+                          None if pooled and pooler else states[-1])
+
     # ------------------------------------------------------------------ coupled dims
     def coupled_dims(self, model: nn.Module) -> list[CoupledDim]:
-        """The token-embedding rank (where ``model`` holds an untied table), then per block,
-        in execution order: the value width, then the MLP inner width."""
+        """The residual-stream width (post-norm encoders that hold their embeddings), the
+        token-embedding rank (where ``model`` holds an untied table), then per block, in
+        execution order: the value width, then the MLP inner width."""
         dims = []
+        stream = self.stream(model)
+        if stream is not None:
+            dims.append(CoupledDim("residual_width", None, stream.states[0], "output",
+                                   stream.tables + stream.writers,
+                                   tuple(r for rs in stream.readers for r in rs)))
         emb = self.token_embedding(model)
         if emb is not None and not self.tied_embedding(model):
             dims.append(CoupledDim("embedding_rank", None, emb, "output", (emb,), ()))
@@ -239,13 +284,14 @@ class TransformerAdapter:
 
     def select_dims(self, model: nn.Module, include: Sequence[str] | None
                     ) -> list[CoupledDim]:
-        """The coupled dims that a pattern of ``include`` names (all when None): a kind
-        ("mlp_width", "value_width": every block's; "embedding_rank") or a glob of the
-        capture module's name.
+        """The coupled dims that a pattern of ``include`` names (when None: all but the
+        residual width, which changes the width of the model's hidden states and is cut
+        only when named): a kind ("mlp_width", "value_width": every block's;
+        "embedding_rank", "residual_width") or a glob of the capture module's name.
         Raises ValueError for a pattern that matches none (listing the sites)."""
         dims = self.coupled_dims(model)
         if include is None:
-            return dims
+            return [d for d in dims if d.kind != "residual_width"]
         patterns = [include] if isinstance(include, str) else list(include)
 
         def hit(d: CoupledDim, p: str) -> bool:
@@ -256,7 +302,8 @@ class TransformerAdapter:
                 names = ", ".join(d.capture for d in dims[:4])
                 raise ValueError(
                     f"site pattern {p!r} matches no reducible dimension of this "
-                    f"{self.layout.family} model; its sites are the token-embedding rank "
+                    f"{self.layout.family} model; its sites are the residual-stream width "
+                    f"(kind 'residual_width', post-norm encoders), the token-embedding rank "
                     f"(kind 'embedding_rank', where the table is not tied to the head) and "
                     f"the value width and the MLP inner width of each block (kinds "
                     f"'value_width', 'mlp_width'), named by the modules {names}, ...")

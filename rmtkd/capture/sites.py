@@ -33,8 +33,10 @@ class Site:
     Attributes:
         name: ``"<module_name>:<where>"``, e.g. ``"fc2:input"``.
         module_name: the module's name in ``model.named_modules()``.
-        kind: ``"linear"``, ``"conv2d"`` or ``"embedding"`` (a token-embedding table's
-            output: its rows over the calibration tokens).
+        kind: ``"linear"``, ``"conv2d"``, ``"embedding"`` (a token-embedding table's
+            output: its rows over the calibration tokens) or ``"residual"`` (a post-norm
+            encoder's residual stream: every state's covariance pooled,
+            :class:`rmtkd.adapters.StreamSpec`; ``module_name`` is its first norm).
         dim: number of features (Linear ``in_features``/``out_features``, Conv2d
             ``in_channels``/``out_channels`` for ``where="input"``/``"output"``).
         where: ``"input"`` or ``"output"`` of the module.
@@ -42,7 +44,7 @@ class Site:
 
     name: str
     module_name: str
-    kind: Literal["linear", "conv2d", "embedding"]
+    kind: Literal["linear", "conv2d", "embedding", "residual"]
     dim: int
     where: Literal["input", "output"]
 

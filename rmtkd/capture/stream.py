@@ -194,6 +194,18 @@ def collect_statistics(
     return out
 
 
+def pooled_statistics(stats: Sequence[CovarianceStats]) -> CovarianceStats:
+    """One CovarianceStats for the states of a residual stream: ``n`` the rows of one state
+    (the tokens: the states are the same tokens at successive depths, not more samples),
+    ``mean`` every state's mean stacked ``(states, dim)`` (each reader of the stream is
+    corrected with its own state's), ``cov`` the mean of the states' centred covariances."""
+    if not stats:
+        raise ValueError("pooled_statistics needs at least one state")
+    return CovarianceStats(n=min(int(s.n) for s in stats),
+                           mean=torch.stack([torch.as_tensor(s.mean) for s in stats]),
+                           cov=sum(torch.as_tensor(s.cov) for s in stats) / len(stats))
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once it has what it needs."""
 

@@ -57,17 +57,23 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, *,
 
 
 def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, units: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Mean over the pairs of ``||s - t||^2 / ||t||^2`` (the relative squared error of a
     student's intermediate output against the teacher's; the teacher is detached). With
     ``mask`` (e.g. an attention mask ``[B, T]``, 1 = real token), a pair whose leading dims
     equal the mask's shape counts only the masked-in positions (padding is ignored);
-    other pairs count everything. A scalar."""
+    other pairs count everything. ``units``: the hidden units a residual-stream cut kept
+    (:func:`rmtkd.reduce.stream_units`); a student feature with ``len(units)`` features
+    against a wider teacher one is matched to the teacher's ``t[..., units]``. A scalar."""
     if len(student) != len(teacher) or not student:
         raise ValueError(f"feature_loss needs the same positive number of student and "
                          f"teacher tensors, got {len(student)} and {len(teacher)}")
     terms = []
     for i, (s, t) in enumerate(zip(student, teacher)):
+        if units is not None and s.shape[:-1] == t.shape[:-1] and \
+                s.shape[-1] == len(units) < t.shape[-1]:
+            t = t[..., units.to(t.device)]
         if s.shape != t.shape:
             raise ValueError(f"feature {i}: student shape {tuple(s.shape)} != teacher shape "
                              f"{tuple(t.shape)} (match only modules whose outputs keep "

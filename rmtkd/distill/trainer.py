@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..capture.sites import batch_to, model_device, split_batch
 from ..collectives import all_true
+from ..reduce.stream import stream_units
 from .losses import embedding_loss, feature_loss, kd_loss
 
 TASKS = ("classification", "embedding")
@@ -256,6 +257,7 @@ def distill(
     if feature_weight < 0:
         raise ValueError(f"feature_weight must be >= 0, got {feature_weight}")
     names = feature_modules(student, teacher, features) if features else []
+    units = stream_units(_inner(student))   # a cut residual stream: the teacher's units kept
     params = [p for p in student.parameters() if p.requires_grad]
     if epochs > 0 and min_steps > 0 and hasattr(batches, "__len__") and len(batches) > 0:
         epochs = max(epochs, -(-min_steps // len(batches)))
@@ -302,7 +304,7 @@ def distill(
                     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                     loss = loss + feature_weight * feature_loss(
                         [s_feats[n] for n in names], [t_feats[n] for n in names],
-                        None if mask is None else mask.to(device))
+                        None if mask is None else mask.to(device), units=units)
                 finite = bool(torch.isfinite(loss))
                 if not all_true(finite):   # under DDP every rank stops at the same step
                     where = "" if not finite else " on another rank"

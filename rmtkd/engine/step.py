@@ -184,16 +184,19 @@ def reduction(cut: Cut, cfg: Any, share: float = 1.0) -> Reduction | None:
     k = backed_off(cut.k, cut.d, share, least=1 if share > 1.0 else 0)
     if k < 1:
         return None
+    # a residual stream is cut by unit selection whatever the mode (rmtkd.reduce.stream)
+    mode, surgery = ("width", "select") if site.kind == "residual" else \
+        (cfg.mode, cfg.width_surgery)
     if share == 1.0 and cut.basis is None and cut.fit is not None and \
             cut.fit.eigenvectors is not None and cut.fit.k >= k:
-        return Reduction.from_fit(site, cut.fit, st, cfg.mode, cfg.width_surgery)
+        return Reduction.from_fit(site, cut.fit, st, mode, surgery)
     if share == 1.0 and cut.basis is not None:
         basis = cut.basis
     else:
         basis = cut.eigh()[1][:, :k]
         dtype = st.cov.dtype if st.cov.dtype.is_floating_point else torch.float32
         basis = basis.to(dtype=dtype, device=st.cov.device)
-    return Reduction.from_basis(site, basis, st, cfg.mode, cfg.width_surgery)
+    return Reduction.from_basis(site, basis, st, mode, surgery)
 
 
 def kept_energy(cut: Cut, k: int, head_ks: list[int] | None) -> float | None:

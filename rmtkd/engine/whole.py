@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..adapters import TransformerAdapter, adapter_for
-from ..capture import collect_statistics, distinct_inputs, find_sites
+from ..capture import Site, collect_statistics, distinct_inputs, find_sites, pooled_statistics
 from ..capture.sites import batch_size, fit_samples, model_device
 from ..checkpoint import load_checkpoint, write_checkpoint
 from ..collectives import agree, all_or_none, check_same, check_same_plan, is_distributed, \
@@ -325,17 +325,26 @@ class WholeModel(Strategy):
         _contiguous_(self.model)   # as a model read back from a checkpoint: same bits
         site = unit.sites[0]
         module = self.model.get_submodule(site.module_name)
-        attr = "embedding_dim" if site.kind == "embedding" else \
+        attr = "embedding_dim" if site.kind == "embedding" else "normalized_shape" \
+            if site.kind == "residual" else \
             ("in_channels" if isinstance(module, nn.Conv2d) else "in_features") \
             if site.where == "input" else \
             ("out_channels" if isinstance(module, nn.Conv2d) else "out_features")
+        dim = getattr(module, attr)
         unit.sites = [type(site)(site.name, site.module_name, site.kind,
-                                 int(getattr(module, attr)), site.where)]
+                                 int(dim[0] if isinstance(dim, tuple) else dim), site.where)]
         self.teacher = copy.deepcopy(self.model).eval()
 
     def calibrate(self, unit: Unit) -> dict:
         site = unit.sites[0]
         collect = collect_sharded_statistics if self.multi else collect_statistics
+        if site.kind == "residual":   # every state of the stream, pooled
+            states = [Site(f"{n}:output", n, "linear", site.dim, "output")
+                      for n in self.adapter.stream(self.model).states]
+            got = collect(self.model, self.calib, states, progress=False,
+                          acc_dtype=self.acc_dtype)
+            stats = pooled_statistics([got[s.name] for s in states])
+            return {site.name: (stats, stats.n)}
         stats = collect(self.model, self.calib, [site], progress=False,
                         acc_dtype=self.acc_dtype)[site.name]
         distinct = distinct_inputs(self.model, self.calib, site.module_name) \

@@ -27,6 +27,11 @@ Contents:
   whose residual stream was rotated and sliced while its head stays tied to the embedding,
   recorded as ``config.rmtkd_residual = {"hidden_size": d, "final_norm_mix": true}`` with
   its path in ``rmtkd_layout["final_norm"]``.
+- a post-norm encoder whose residual stream keeps k of its d hidden units, recorded as
+  ``config.rmtkd_residual = {"units": [...], "hidden_size": d, "tables", "norms",
+  "readers", "writers", "lift"}`` (full module names): :func:`reshape_stream` gives the
+  embedding tables and norms k features, the readers k inputs (with a bias), the writers
+  k outputs and the ``lift`` norm a ``Linear(k, d)`` after it (``nn.Sequential``).
 - :func:`reshape`: reshape a freshly built model from ``config.rmtkd_blocks`` (per block:
   ``{"mlp": inner width, "value_heads": kept dims per kept key-value head or None,
   "heads", "kv_heads": the query / key-value heads kept (a head without value dims is
@@ -59,7 +64,7 @@ CLASS_PREFIX = "Rmtkd"
 __all__ = ["HeadPaddedLinear", "HeadSelectLinear", "ProjectedLinear", "kept_index",
            "reshape", "reshape_block", "refresh_buffers", "rmtkd_model_class",
            "module_has_bias", "set_attr", "BLOCKS_KEY", "LAYOUT_KEY", "EMBEDDING_KEY",
-           "FactorizedEmbedding", "MixedRMSNorm", "RESIDUAL_KEY"]
+           "FactorizedEmbedding", "MixedRMSNorm", "RESIDUAL_KEY", "reshape_stream"]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -409,6 +414,43 @@ def _config_value(config: Any, key: str) -> Any:
     return getattr(config, key, None)
 
 
+def reshape_stream(model: nn.Module, record: dict, *, empty: bool = False) -> None:
+    """Reshape ``model``'s residual stream to the units of ``record`` (see the module
+    docstring; a no-op for modules already of that shape)."""
+    k, d = len(record["units"]), int(record["hidden_size"])
+
+    def norm(old: nn.Module) -> nn.Module:
+        ref = getattr(old, "weight", None)
+        kw = {"device": None if ref is None else ref.device,
+              "dtype": None if ref is None else ref.dtype}
+        return nn.LayerNorm(k, eps=old.eps, elementwise_affine=ref is not None,
+                            bias=getattr(old, "bias", None) is not None, **kw
+                            ).train(old.training)
+
+    for path in record["tables"]:
+        old = get(model, path)
+        if isinstance(old, nn.Embedding) and old.embedding_dim != k:
+            set_attr(model, path, nn.Embedding(
+                old.num_embeddings, k, padding_idx=old.padding_idx, device=old.weight.device,
+                dtype=old.weight.dtype).train(old.training))
+    for path in record["norms"]:
+        old = get(model, path)
+        if isinstance(old, nn.LayerNorm) and old.normalized_shape != (k,):
+            new = norm(old)
+            if path == record.get("lift"):
+                new = nn.Sequential(new, _new_linear(k, d, old, True, empty))
+            set_attr(model, path, new)
+    for path in record["readers"]:
+        old = get(model, path)
+        if type(old) is nn.Linear and old.in_features != k:
+            set_attr(model, path, _new_linear(k, old.out_features, old, True, empty))
+    for path in record["writers"]:
+        old = get(model, path)
+        if type(old) is nn.Linear and old.out_features != k:
+            set_attr(model, path, _new_linear(old.in_features, k, old, old.bias is not None,
+                                              empty))
+
+
 def _layout_path(layout: Any, key: str, record: str) -> str:
     """The full module name ``layout[key]`` that the config record ``record`` needs."""
     path = layout.get(key) if isinstance(layout, dict) else None
@@ -439,6 +481,8 @@ def reshape(model: nn.Module, blocks: list[dict] | None = None, layout: dict | N
         return model
     if layout is None:
         layout = _config_value(config, LAYOUT_KEY)
+    if residual and residual.get("units") is not None:
+        reshape_stream(model, residual, empty=empty)
     if residual and residual.get("final_norm_mix"):
         reshape_final_norm(model, _layout_path(layout, "final_norm", RESIDUAL_KEY),
                            residual)

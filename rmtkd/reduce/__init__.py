@@ -17,18 +17,21 @@ import torch
 from torch import nn
 
 from ..adapters import TransformerAdapter, adapter_for
+from ..hf.modeling_rmtkd import RESIDUAL_KEY
 from .cnn import project_conv, width_conv
 from .heads import HeadPaddedLinear, HeadSelectLinear, block_diagonal_basis, head_bases
 from .maths import (SUPPORTED, Reduction, ReductionResult, UnsupportedModuleError,
                     check_orthonormal, n_params, set_module)
 from .mlp import project_linear, width_linear
+from .stream import config_owner, stream_record, stream_replacements, stream_units
 from .transformer import (apply_widths, block_sites, cut_mlp, cut_values, dim_replacements,
                           dim_site, project_block_linear, record_widths)
 
 __all__ = ["Reduction", "ReductionResult", "UnsupportedModuleError", "SUPPORTED",
            "reduce_site", "plan_replacements", "HeadPaddedLinear", "HeadSelectLinear",
            "head_reduction", "head_bases", "record_widths", "apply_widths", "cut_mlp",
-           "cut_values", "project_block_linear", "block_sites", "dim_site", "n_params"]
+           "cut_values", "project_block_linear", "block_sites", "dim_site", "n_params",
+           "stream_units"]
 
 
 def head_reduction(site: str, module_name: str, covariance: torch.Tensor, num_heads: int,
@@ -61,6 +64,8 @@ def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Mo
         dim = ad.dim_for(model, reduction.site, name)
         if dim is not None and dim.kind == "embedding_rank":   # a factorisation in any mode
             return dim_replacements(model, dim, reduction)
+        if dim is not None and dim.kind == "residual_width":   # unit selection in any mode
+            return stream_replacements(model, ad.stream(model), reduction)
         if reduction.mode == "width":
             if dim is None:
                 sites = [d.site_name for d in ad.coupled_dims(model)]
@@ -96,6 +101,15 @@ def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Mo
     return width_conv(model, reduction)
 
 
+def _stream_of(model: nn.Module, reduction: Reduction):
+    """The StreamSpec that ``reduction`` cuts, or None when it is not a residual width."""
+    ad = adapter_for(model, strict=False)
+    if not isinstance(ad, TransformerAdapter):
+        return None
+    dim = ad.dim_for(model, reduction.site, reduction.module_name)
+    return ad.stream(model) if dim is not None and dim.kind == "residual_width" else None
+
+
 def reduce_site(model: nn.Module, reduction: Reduction, *, force: bool = False
                 ) -> ReductionResult:
     """Apply ``reduction`` to ``model`` in place, unless it would not reduce parameters.
@@ -110,6 +124,7 @@ def reduce_site(model: nn.Module, reduction: Reduction, *, force: bool = False
         ``applied`` is False, ``reason`` says why and the model is untouched.
     """
     new = plan_replacements(model, reduction)
+    stream = _stream_of(model, reduction)
     old_local = sum(n_params(model.get_submodule(n)) for n in new)
     new_local = sum(n_params(m) for m in new.values())
     before = n_params(model)
@@ -120,6 +135,9 @@ def reduce_site(model: nn.Module, reduction: Reduction, *, force: bool = False
         return ReductionResult(reduction, False, reason, before, before)
     for n, m in new.items():
         set_module(model, n, m)
+    owner = None if stream is None else config_owner(model)
+    if owner is not None:   # recorded for save / load (names relative to the config's model)
+        setattr(owner[1].config, RESIDUAL_KEY, stream_record(stream, reduction, owner[0]))
     record_widths(model)  # per-block widths on model.config (transformers only)
     reason = (f"{reduction.mode} d={reduction.d} -> k={reduction.k}: replaced "
               f"{', '.join(new)} ({old_local} -> {new_local} parameters)")

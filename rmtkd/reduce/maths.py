@@ -71,7 +71,8 @@ class Reduction:
         k: directions kept, ``1 <= k <= d``.
         basis: (d, k) float tensor with orthonormal columns (the spike directions).
         mean: (d,) activation mean at the site (per channel for convolutions), or None for
-            no bias correction.
+            no bias correction; a residual-stream reduction may carry one mean per state,
+            (states, d) (:func:`rmtkd.reduce.stream.state_means`).
         units: (k,) int64 producer units kept by a selecting width reduction, or None
             (rotate onto ``basis``); see :func:`select_units`.
         reconstruction: (d, k) float ``R`` predicting the site from the kept units
@@ -100,9 +101,11 @@ class Reduction:
         if tuple(self.basis.shape) != (self.d, self.k):
             raise ValueError(f"Reduction {self.site!r}: basis must have shape (d, k) = "
                              f"({self.d}, {self.k}); got {tuple(self.basis.shape)}")
-        if self.mean is not None and tuple(self.mean.shape) != (self.d,):
-            raise ValueError(f"Reduction {self.site!r}: mean must have shape ({self.d},); "
-                             f"got {tuple(self.mean.shape)}")
+        if self.mean is not None and (tuple(self.mean.shape) != (self.d,) and not (
+                self.mean.dim() == 2 and self.mean.shape[1] == self.d)):
+            raise ValueError(f"Reduction {self.site!r}: mean must have shape ({self.d},) "
+                             f"(or (states, {self.d}) for a residual stream); got "
+                             f"{tuple(self.mean.shape)}")
         if self.surgery not in SURGERIES:
             raise ValueError(f"Reduction {self.site!r}: surgery must be one of {SURGERIES}; "
                              f"got {self.surgery!r}")

@@ -362,6 +362,9 @@ def project_block_linear(block: nn.Module, name: str, basis: torch.Tensor,
 def dim_site(dim: CoupledDim, model: nn.Module) -> Site:
     """The capture :class:`Site` of a coupled dimension (its current size)."""
     module = model.get_submodule(dim.capture)
+    if dim.kind == "residual_width":   # the stream's first norm; its width is the stream's
+        return Site(dim.site_name, dim.capture, "residual", int(module.normalized_shape[0]),
+                    dim.where)
     if dim.kind == "embedding_rank":
         return Site(dim.site_name, dim.capture, "embedding", int(module.embedding_dim),
                     dim.where)
