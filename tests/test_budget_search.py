@@ -86,3 +86,20 @@ def test_a_resumed_job_keeps_its_depth(digits, tmp_path, monkeypatch, outputs):
 def test_past_edge_must_be_above_one():
     with pytest.raises(ValueError, match="past_edge"):
         CompressConfig(past_edge=1.0).validate()
+
+
+def test_where_the_rules_cut_breaks_half_of_it_is_tried(digits, monkeypatch):
+    model, train, test = digits
+    judge = whole.WholeModel.judge
+
+    def strict(self, unit, recs):   # only a cut short of the edge fits this "budget"
+        why = judge(self, unit, recs)
+        return why if why or recs[0].share < 1.0 else "too deep for this test"
+
+    monkeypatch.setattr(whole.WholeModel, "judge", strict)
+    res = compress(model, train, eval_data=test, config=_cfg(epsilon=100.0, past_edge=2.0))
+    for r in res.history:
+        assert r.status == "applied" and r.attempt == 2 and r.share == whole.BACKOFF_SHARE
+        assert r.k == r.d - (r.d - r.mp_k) // 2 > r.mp_k
+        assert r.reason.count("too deep for this test") == 2
+    assert res.original_params > res.final_params

@@ -128,7 +128,8 @@ class CompressConfig:
     rule's edge that keeps ``1 / s`` of the rule's k (rounded up), kept when the metric stays
     within the site's share of the budget left (the slack above ``original - epsilon``
     divided by the sites left, this one included); otherwise the rule's own k is tried,
-    judged against the whole epsilon. After a deep attempt fails, the next site goes half as
+    judged against the whole epsilon, and where that breaks too, half of the rule's cut
+    (``d - (d - k) / 2`` kept). After a deep attempt fails, the next site goes half as
     far past the edge (s -> 1 + (s - 1) / 2); after one holds, 1.5 times as far
     (s -> 1 + 1.5 (s - 1)). None: the rule's k only (the paper's).
     seed: every random choice of step i is seeded from (seed, i).

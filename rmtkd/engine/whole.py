@@ -13,7 +13,8 @@ to deep. Per site (:func:`rmtkd.engine.loop.run`):
 5. the budget: if the metric dropped more than ``epsilon`` points below the original
    model's, or became NaN, roll back to the teacher; ``on_violation`` "stop" ends the run.
    With ``past_edge`` the site first tries a deeper cut than its rule's, kept when it
-   spends at most the site's share of the budget left (else the rule's k follows);
+   spends at most the site's share of the budget left (else the rule's k follows, and
+   where that breaks the budget too, half of the rule's cut);
 6. stop once ``params <= param_target * original`` or ``max_steps`` steps were tried.
 
 Under torch.distributed (a process group of more than one rank) calibration is sharded and
@@ -172,6 +173,10 @@ def fingerprint(model: nn.Module, *batch_lists: Any) -> str:
 #: past_edge: after a deep cut that held, the next site goes this much further past the
 #: edge (s -> 1 + 1.5 (s - 1)); after one that broke, half as far (s -> 1 + (s - 1) / 2)
 DEPTH_GROWTH = 1.5
+#: past_edge: a site whose rule's cut breaks the budget then tries this share of that cut
+#: (half of the directions the rule cuts; measured on the Rotten Tomatoes residual stream,
+#: whose MP cut 384 -> 269 broke by 0.33 points, BENCHMARKS.md)
+BACKOFF_SHARE = 0.5
 
 class WholeModel(Strategy):
     def __init__(self, model: nn.Module, train_data: Any, eval_data: Any, calib_data: Any,
@@ -378,6 +383,10 @@ class WholeModel(Strategy):
             k_deep, _ = attempt_k(cut, self.depth)
             if 1 <= k_deep < cut.k:
                 self.shares = [self.depth, 1.0]
+            # short of the edge: half the rule's cut, when the rule's own cut breaks
+            k_half, _ = attempt_k(cut, BACKOFF_SHARE)
+            if cut.k < k_half < cut.d:
+                self.shares.append(BACKOFF_SHARE)
         self.backoff = len(self.shares) - 1
         return True
 
