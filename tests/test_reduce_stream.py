@@ -209,7 +209,17 @@ def stream_owner(model):
     return model.bert if isinstance(model, SentenceEncoder) else model
 
 
-def test_compress_cuts_the_stream_and_distils_features_across_it():
+def test_compress_cuts_the_stream_and_distils_features_across_it(monkeypatch):
+    from rmtkd.engine import whole
+
+    seen = []
+    real = whole.distributed_distill
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["min_steps"], kwargs["max_steps"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(whole, "distributed_distill", spy)
     model = model_of(BertForSequenceClassification)
     g = torch.Generator().manual_seed(5)
     data = [{**batch(4, 12, 20 + i), "labels": torch.randint(0, 2, (4,), generator=g)}
@@ -217,7 +227,8 @@ def test_compress_cuts_the_stream_and_distils_features_across_it():
     cfg = rmtkd.CompressConfig(
         sites=["residual_width"], rank_rule="uniform:0.5", epsilon=100.0, lr=1e-3,
         distill_epochs=1, distill_min_steps=0, distil_from="original", progress=False,
-        distill_features=["bert.encoder.layer.?"], calib_fraction=1.0)
+        distill_features=["bert.encoder.layer.?"], calib_fraction=1.0,
+        residual_distill_steps=9)
     res = rmtkd.compress(model, data, eval_data=data, config=cfg)
     (rec,) = res.history
     assert rec.status == "applied", rec.reason
@@ -226,3 +237,65 @@ def test_compress_cuts_the_stream_and_distils_features_across_it():
     assert k == rec.k < H
     assert res.final_params < res.original_params
     assert res.plan[0].mean.shape == (1 + 2 * L, H)   # one mean per state
+    assert seen == [(9, 9)]   # the residual step's own number of steps (6 batches: 2 epochs)
+    with pytest.raises(ValueError, match="residual_distill_steps"):
+        rmtkd.CompressConfig(residual_distill_steps=0).validate()
+
+
+def test_sites_follow_the_order_of_their_patterns():
+    model = model_of(BertForSequenceClassification)
+    ad = adapter_for(model)
+    kinds = [d.kind for d in ad.select_dims(model, ["mlp_width", "residual_width",
+                                                    "embedding_rank"])]
+    assert kinds == ["mlp_width"] * L + ["residual_width", "embedding_rank"]
+    names = [d.capture for d in ad.select_dims(model, ["mlp_width"])]
+    assert names == [f"bert.encoder.layer.{i}.output.dense" for i in range(L)]
+
+
+def test_the_stream_cut_last_after_mlp_and_embedding_cuts(tmp_path):
+    """Residual last (a schedule): the narrowed MLP Linears and the factorised embedding
+    are cut along; equal to the float64 reference of the same selection on that model."""
+    from rmtkd.reduce import cut_mlp
+    from rmtkd.reduce.embedding import factorize_embedding
+
+    model = model_of(BertForSequenceClassification)
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(FF, FF, generator=g, dtype=torch.float64)
+    cut_mlp(model.bert.encoder.layer[0], torch.randn(FF, generator=g, dtype=torch.float64),
+            A @ A.T, 20)
+    emb = model.bert.embeddings.word_embeddings
+    basis = torch.linalg.qr(torch.randn(H, 10, generator=g)).Q
+    model.bert.embeddings.word_embeddings = factorize_embedding(
+        emb, Reduction("e", "bert.embeddings.word_embeddings", "width", H, 10, basis,
+                       emb.weight.mean(0).detach()))
+    red, stream = stream_reduction(model, 14)
+    want = out(reference(model, red, stream), FRESH)
+    assert reduce_site(model, red).applied
+    assert model.bert.encoder.layer[0].intermediate.dense.weight.shape == (20, 14)
+    assert model.bert.embeddings.word_embeddings.proj.weight.shape == (14, 10)
+    torch.testing.assert_close(out(model, FRESH).double(), want, rtol=0, atol=2e-5)
+    rmtkd.save(model, tmp_path / "m")
+    torch.testing.assert_close(out(rmtkd.load(tmp_path / "m"), FRESH), out(model, FRESH),
+                               rtol=0, atol=1e-6)
+
+
+def test_a_stream_narrower_than_the_embedding_rank_makes_the_table_dense(tmp_path):
+    from rmtkd.hf.modeling_rmtkd import EMBEDDING_KEY
+
+    model = model_of(BertForSequenceClassification)
+    emb = model.bert.embeddings.word_embeddings
+    basis = torch.linalg.qr(torch.randn(H, 10, generator=torch.Generator().manual_seed(4))).Q
+    assert reduce_site(model, Reduction("bert.embeddings.word_embeddings:output",
+                                        "bert.embeddings.word_embeddings", "width", H, 10,
+                                        basis, emb.weight.mean(0).detach())).applied
+    assert getattr(model.config, EMBEDDING_KEY) == {"rank": 10}
+    red, stream = stream_reduction(model, 8)
+    want = out(reference(model, red, stream), FRESH)
+    assert reduce_site(model, red).applied
+    table = model.bert.embeddings.word_embeddings
+    assert type(table) is torch.nn.Embedding and table.weight.shape == (V, 8)
+    assert not getattr(model.config, EMBEDDING_KEY)
+    torch.testing.assert_close(out(model, FRESH).double(), want, rtol=0, atol=2e-5)
+    rmtkd.save(model, tmp_path / "m")
+    torch.testing.assert_close(out(rmtkd.load(tmp_path / "m"), FRESH), out(model, FRESH),
+                               rtol=0, atol=1e-6)

@@ -287,7 +287,9 @@ class TransformerAdapter:
         """The coupled dims that a pattern of ``include`` names (when None: all but the
         residual width, which changes the width of the model's hidden states and is cut
         only when named): a kind ("mlp_width", "value_width": every block's;
-        "embedding_rank", "residual_width") or a glob of the capture module's name.
+        "embedding_rank", "residual_width") or a glob of the capture module's name. They
+        are cut in the order of the patterns that first name them (the schedule), in the
+        adapter's order (shallow to deep) within one pattern.
         Raises ValueError for a pattern that matches none (listing the sites)."""
         dims = self.coupled_dims(model)
         if include is None:
@@ -307,7 +309,10 @@ class TransformerAdapter:
                     f"(kind 'embedding_rank', where the table is not tied to the head) and "
                     f"the value width and the MLP inner width of each block (kinds "
                     f"'value_width', 'mlp_width'), named by the modules {names}, ...")
-        return [d for d in dims if any(hit(d, p) for p in patterns)]
+        # the schedule: in the order the patterns are listed, the adapter's order within one
+        picked = [(min(i for i, p in enumerate(patterns) if hit(d, p)), j, d)
+                  for j, d in enumerate(dims) if any(hit(d, p) for p in patterns)]
+        return [d for _, _, d in sorted(picked, key=lambda t: t[:2])]
 
     def describe(self) -> str:
         L = self.layout

@@ -99,7 +99,10 @@ class CompressConfig:
     k producer units spanning them best (they pass an elementwise nonlinearity unchanged)
     or "auto" (select through a nonlinearity, rotate otherwise; gated MLPs always select).
     estimator, margin, solver: of :func:`rmtkd.spikes`.
-    sites: fnmatch globs on module names (None: every reducible site the adapter names).
+    sites: fnmatch globs on module names (None: every reducible site the adapter names);
+    a transformer's sites also take kinds ("residual_width", "embedding_rank",
+    "value_width", "mlp_width") and are cut in the order the patterns are listed (the
+    schedule; shallow to deep within one pattern).
     calib_fraction: share of the training data used to calibrate (whole-model).
     conv_samples: what the MP fit of a conv site counts as samples, "images" (default) or
     "positions" (:func:`rmtkd.capture.sites.fit_samples`).
@@ -108,7 +111,11 @@ class CompressConfig:
     lr, warmup_steps, distill_epochs, distill_min_steps, distill_max_steps: the
     distillation after each cut (lr / epochs None: the strategy's default, whole-model
     1e-3 / 3 epochs, block-wise 1e-4 / 2; max_steps: at most this many optimizer steps
-    per cut, None: all the epochs).
+    per cut, None: all the epochs). residual_distill_steps: the whole-model strategy's
+    distillation after a residual-stream cut (site kind "residual_width") runs exactly this
+    many optimizer steps (more epochs where needed), None: like every other cut. That cut
+    changes every block at once: on the Rotten Tomatoes classifier 100 steps left it 1.33
+    points below the original, one epoch (320 steps) 0.85 above it (BENCHMARKS.md).
     distill_features, feature_weight: fnmatch globs of modules whose outputs the student
     also matches to the teacher's (``feature_weight`` x the mean relative squared error).
     distil_from: the teacher of each step: "previous" (the model just before the step) or
@@ -153,6 +160,7 @@ class CompressConfig:
     distill_epochs: int | None = None
     distill_min_steps: int = 200
     distill_max_steps: int | None = None
+    residual_distill_steps: int | None = None
     distill_features: list[str] | None = None
     feature_weight: float = 1.0
     distil_from: str = "previous"
@@ -192,6 +200,9 @@ class CompressConfig:
         if self.distill_max_steps is not None and self.distill_max_steps < 1:
             raise ValueError(f"distill_max_steps must be >= 1 or None, got "
                              f"{self.distill_max_steps}")
+        if self.residual_distill_steps is not None and self.residual_distill_steps < 1:
+            raise ValueError(f"residual_distill_steps must be >= 1 or None, got "
+                             f"{self.residual_distill_steps}")
         if self.teacher_cache_mb < 0:
             raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
         if (self.distill_epochs or 0) < 0 or self.warmup_steps < 0 or \

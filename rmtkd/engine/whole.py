@@ -418,13 +418,16 @@ class WholeModel(Strategy):
 
     def distil(self, unit: Unit, recs: list[StepRecord]) -> str | None:
         cfg = self.cfg
+        min_steps, max_steps = cfg.distill_min_steps, cfg.distill_max_steps
+        if unit.sites[0].kind == "residual" and cfg.residual_distill_steps is not None:
+            min_steps = max_steps = cfg.residual_distill_steps
         try:   # under DDP: each rank on its shard of every epoch's batch order
             distributed_distill(self.model, self.teacher if self.source is None
                                 else self.source, self.train, task=cfg.task,
                                 alpha=cfg.alpha, temperature=cfg.temperature, lr=cfg.lr,
                                 warmup_steps=cfg.warmup_steps, epochs=cfg.distill_epochs,
-                                min_steps=cfg.distill_min_steps,
-                                max_steps=cfg.distill_max_steps, progress=self.progress,
+                                min_steps=min_steps, max_steps=max_steps,
+                                progress=self.progress,
                                 data_parallel=cfg.data_parallel,
                                 features=cfg.distill_features,
                                 feature_weight=cfg.feature_weight,

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..adapters import StreamSpec
 from ..hf.modeling_rmtkd import FactorizedEmbedding
+from .embedding import dense_table
 from .maths import Reduction, UnsupportedModuleError
 from .mlp import _linear
 
@@ -76,6 +77,13 @@ def _norm(ln: nn.LayerNorm, S: torch.Tensor) -> nn.LayerNorm:
 
 def _table(module: nn.Module, S: torch.Tensor) -> nn.Module:
     with torch.no_grad():
+        if isinstance(module, FactorizedEmbedding) and len(S) <= module.rank:
+            # k <= r: the k kept columns of the dense table are fewer parameters
+            w = module.proj.weight
+            new = nn.Embedding(module.num_embeddings, len(S), padding_idx=module.padding_idx,
+                               device=w.device, dtype=w.dtype)
+            new.weight.copy_(dense_table(module)[:, S])
+            return new.train(module.training)
         if isinstance(module, FactorizedEmbedding):   # (V x r)(r x d): keep rows S of proj
             new = FactorizedEmbedding(module.num_embeddings, len(S), module.rank,
                                       module.padding_idx, device=module.proj.weight.device,

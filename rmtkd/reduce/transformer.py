@@ -434,6 +434,8 @@ def record_widths(model: nn.Module) -> list[dict] | None:
         emb = None if emb is None else model.get_submodule(emb)
         if isinstance(emb, FactorizedEmbedding):
             setattr(config, EMBEDDING_KEY, {"rank": emb.rank})
+        elif getattr(config, EMBEDDING_KEY, None):   # a later cut made the table dense again
+            setattr(config, EMBEDDING_KEY, None)
     return widths
 
 
