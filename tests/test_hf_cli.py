@@ -86,7 +86,8 @@ def hf_dir(tmp_path_factory):
 def test_compress_hf_dir_and_csv_loads_with_transformers(hf_dir, tmp_path, capsys):
     out = tmp_path / "out"
     cfg = tmp_path / "job.toml"   # a small job: fewer distillation steps than the defaults
-    cfg.write_text("[compress]\ndistill_max_steps = 10\nepsilon = 100.0\n")
+    cfg.write_text("[compress]\ndistill_max_steps = 10\nresidual_distill_steps = 10\n"
+                   "epsilon = 100.0\n")
     rc = main(["compress", "--model", str(hf_dir / "model"), "--data",
                str(hf_dir / "train.csv"), "--test-data", str(hf_dir / "test.csv"),
                "--config", str(cfg), "--out", str(out), "--quiet"])
@@ -98,11 +99,13 @@ def test_compress_hf_dir_and_csv_loads_with_transformers(hf_dir, tmp_path, capsy
     assert report["meta"]["rows"] == {"train": 288, "val": 32, "test": 64}
     assert report["meta"]["test_data"] == str(hf_dir / "test.csv")
     assert report["summary"]["final_params"] < report["summary"]["original_params"]
-    # the sites are the task defaults' kinds only: the token-embedding rank, then each
-    # block's MLP inner width; none calibrated to be skipped for being of another kind
+    # the sites are the task defaults' kinds only: the token-embedding rank, each block's
+    # MLP inner width, then the residual stream; none calibrated to be skipped for being
+    # of another kind
     sites = [r["site"] for r in report["history"]]
     assert sites[0] == "bert.embeddings.word_embeddings:output"
-    assert all(s.endswith(".output.dense:input") for s in sites[1:]) and len(sites) > 1
+    assert sites[-1] == "bert.embeddings.LayerNorm:output"
+    assert all(s.endswith(".output.dense:input") for s in sites[1:-1]) and len(sites) > 2
     model_dir = out / "model"
     assert (model_dir / "modeling_rmtkd.py").is_file()
     import rmtkd
