@@ -223,9 +223,8 @@ class TransformerAdapter:
         if len(emb) != 1:
             return None
         emb = emb[0]
-        tables = tuple(n for n, m in named.items() if n.startswith(emb + ".") and (
-            isinstance(m, nn.Embedding) or hasattr(m, "num_embeddings"))
-            and "." not in n[len(emb) + 1:])
+        tables = tuple(n for n, m in named.items() if n.startswith(emb + ".")   # children
+                       and "." not in n[len(emb) + 1:] and hasattr(m, "num_embeddings"))
         states, readers, writers = [f"{emb}.{L.embedding_norm}"], [], []
         for name, block in mods:
             spec = self.block_spec(block, name)

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..adapters import TransformerAdapter, adapter_for
+from ..adapters import StreamSpec, TransformerAdapter, adapter_for
 from ..hf.modeling_rmtkd import RESIDUAL_KEY
 from .cnn import project_conv, width_conv
 from .heads import HeadPaddedLinear, HeadSelectLinear, block_diagonal_basis, head_bases
@@ -58,14 +58,21 @@ def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Mo
         ValueError: the reduction does not match the site (d) or its basis is not
             orthonormal.
     """
+    return _plan(model, reduction)[0]
+
+
+def _plan(model: nn.Module, reduction: Reduction
+          ) -> tuple[dict[str, nn.Module], StreamSpec | None]:
+    """:func:`plan_replacements`, and the residual stream it cuts (None for other sites)."""
     ad = adapter_for(model)
     name = reduction.module_name
     if isinstance(ad, TransformerAdapter):
         dim = ad.dim_for(model, reduction.site, name)
         if dim is not None and dim.kind == "embedding_rank":   # a factorisation in any mode
-            return dim_replacements(model, dim, reduction)
+            return dim_replacements(model, dim, reduction), None
         if dim is not None and dim.kind == "residual_width":   # unit selection in any mode
-            return stream_replacements(model, ad.stream(model), reduction)
+            stream = ad.stream(model)
+            return stream_replacements(model, stream, reduction), stream
         if reduction.mode == "width":
             if dim is None:
                 sites = [d.site_name for d in ad.coupled_dims(model)]
@@ -75,7 +82,7 @@ def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Mo
                     f"block's value width and MLP inner width (sites "
                     f"{', '.join(sites[:3])}, ...); query, key, pooler and head are left "
                     f"alone")
-            return dim_replacements(model, dim, reduction)
+            return dim_replacements(model, dim, reduction), None
         if dim is None or dim.where != "input":
             sites = [d.site_name for d in ad.coupled_dims(model) if d.where == "input"]
             raise UnsupportedModuleError(
@@ -95,19 +102,10 @@ def plan_replacements(model: nn.Module, reduction: Reduction) -> dict[str, nn.Mo
     if reduction.mode == "project":
         new = (project_linear(consumer, reduction) if isinstance(consumer, nn.Linear)
                else project_conv(consumer, reduction))
-        return {name: new}
+        return {name: new}, None
     if isinstance(consumer, nn.Linear):
-        return width_linear(model, reduction)
-    return width_conv(model, reduction)
-
-
-def _stream_of(model: nn.Module, reduction: Reduction):
-    """The StreamSpec that ``reduction`` cuts, or None when it is not a residual width."""
-    ad = adapter_for(model, strict=False)
-    if not isinstance(ad, TransformerAdapter):
-        return None
-    dim = ad.dim_for(model, reduction.site, reduction.module_name)
-    return ad.stream(model) if dim is not None and dim.kind == "residual_width" else None
+        return width_linear(model, reduction), None
+    return width_conv(model, reduction), None
 
 
 def reduce_site(model: nn.Module, reduction: Reduction, *, force: bool = False
@@ -123,8 +121,7 @@ def reduce_site(model: nn.Module, reduction: Reduction, *, force: bool = False
         A :class:`ReductionResult` with the whole model's parameter counts; when skipped,
         ``applied`` is False, ``reason`` says why and the model is untouched.
     """
-    new = plan_replacements(model, reduction)
-    stream = _stream_of(model, reduction)
+    new, stream = _plan(model, reduction)
     old_local = sum(n_params(model.get_submodule(n)) for n in new)
     new_local = sum(n_params(m) for m in new.values())
     before = n_params(model)

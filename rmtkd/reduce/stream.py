@@ -26,14 +26,10 @@ import torch
 from torch import nn
 
 from ..adapters import StreamSpec
-from ..hf.modeling_rmtkd import FactorizedEmbedding
+from ..hf.modeling_rmtkd import RESIDUAL_KEY, FactorizedEmbedding
 from .embedding import dense_table
 from .maths import Reduction, UnsupportedModuleError
-from .mlp import _linear
-
-
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float64)
+from .mlp import _f64, _linear
 
 
 def state_means(reduction: Reduction, n_states: int) -> torch.Tensor:
@@ -62,8 +58,8 @@ def _plain(model: nn.Module, name: str, kind: type) -> nn.Module:
 
 
 def _norm(ln: nn.LayerNorm, S: torch.Tensor) -> nn.LayerNorm:
-    ref = ln.weight if ln.weight is not None else None
-    new = nn.LayerNorm(len(S), eps=ln.eps, elementwise_affine=ln.weight is not None,
+    ref = ln.weight
+    new = nn.LayerNorm(len(S), eps=ln.eps, elementwise_affine=ref is not None,
                        bias=ln.bias is not None,
                        device=None if ref is None else ref.device,
                        dtype=None if ref is None else ref.dtype)
@@ -183,8 +179,6 @@ def stream_record(stream: StreamSpec, reduction: Reduction, prefix: str = "") ->
 def stream_units(model: nn.Module) -> torch.Tensor | None:
     """The hidden units a residual-stream cut kept in ``model`` (from its config's
     ``rmtkd_residual`` record), or None where the stream was not cut by units."""
-    from ..hf.modeling_rmtkd import RESIDUAL_KEY
-
     rec = getattr(config_of(model), RESIDUAL_KEY, None)
     units = rec.get("units") if isinstance(rec, dict) else None
     return None if units is None else torch.as_tensor(units, dtype=torch.long)
