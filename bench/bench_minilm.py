@@ -10,8 +10,8 @@ Runs the ``minilm`` example the way the Python API documents it:
     cosine = evaluate(result.model, test, task="embedding", reference=model)
 
 (the validation split decides the epsilon roll-backs; the test split is reported), then
-measures the CPU latency at batch size 1 (median of ``--passes`` forward passes, two
-rounds in alternating order, ``rmtkd.report.latency_pair``) of the original and the
+measures the CPU latency at batch size 1 (median of ``--passes`` forward passes, the two
+models' passes interleaved, two rounds, ``rmtkd.report.latency_pair``) of the original and the
 compressed encoder on a test sentence of median length, and checks that ``rmtkd.save`` /
 ``rmtkd.load`` round-trips the compressed encoder. Records parameters (total and encoder
 = the 6 transformer layers, embeddings and pooler excluded), cosine similarity on the test

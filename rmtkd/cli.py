@@ -784,8 +784,8 @@ def _cpu_name() -> str:
 def _summary(model: torch.nn.Module, result: Any, test: Any, before: float, after: float,
              seconds: float) -> dict:
     """The report's summary: parameters, metric on the test split, CPU latency at batch size
-    1 (:func:`rmtkd.report.latency_pair`: median of 200 passes, two rounds in alternating
-    order), before and after; the report adds the size on disk."""
+    1 (:func:`rmtkd.report.latency_pair`: median of 200 interleaved passes, the lower of
+    two rounds), before and after; the report adds the size on disk."""
     from .engine import first_sample, input_shape
     from .report import latency_pair, saved_size
 

@@ -5,12 +5,13 @@ matplotlib is imported only when plots are drawn, so ``import rmtkd`` stays ligh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -219,39 +220,61 @@ def write_analysis_report(out_dir: str | os.PathLike, fits: Mapping[str, Spectru
 
 # ------------------------------------------------------------ compression reports
 
+def paired_medians(fns: Mapping[str, Callable[[], Any]], passes: int, warmup: int = 20
+                   ) -> dict[str, float]:
+    """Median wall time in ms of each of ``fns`` over ``passes`` calls, the calls
+    interleaved (one call of each per pass, the order reversed every other pass) after
+    ``warmup`` untimed passes: a load drift on a shared machine reaches every function
+    alike, so their ratio is measured at the same moments."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(warmup + passes):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[k]()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+@contextlib.contextmanager
+def _forwards(models: Mapping[str, nn.Module], example: Any):
+    """Closures running each model on ``example`` (eval mode, no gradients, the example
+    on the model's device); the models' training flags are restored afterwards."""
+    flags = {k: m.training for k, m in models.items()}
+    fns = {}
+    for k, m in models.items():
+        args, kwargs = batch_to(*model_inputs(example), model_device(m))
+        m.eval()
+        fns[k] = (lambda m=m, a=args, kw=kwargs: m(*a, **kw))
+    try:
+        with torch.no_grad():
+            yield fns
+    finally:
+        for k, m in models.items():
+            m.train(flags[k])
+
+
 def latency_ms(model: nn.Module, example: Any, *, passes: int = 200, warmup: int = 20
                ) -> float:
     """Median wall time in ms of one forward pass on ``example`` (a tensor, an (inputs,
     labels) tuple or a dict of keyword arguments; no gradients, eval mode) over ``passes``
     passes after ``warmup`` untimed ones."""
-    args, kwargs = batch_to(*model_inputs(example), model_device(model))
-    was_training = model.training
-    model.eval()
-    times = []
-    try:
-        with torch.no_grad():
-            for i in range(warmup + passes):
-                t0 = time.perf_counter()
-                model(*args, **kwargs)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    with _forwards({"model": model}, example) as fns:
+        return paired_medians(fns, passes, warmup)["model"]
 
 
 def latency_pair(before: nn.Module, after: nn.Module, example: Any, *, passes: int = 200
                  ) -> tuple[float, float, dict[str, list[float]]]:
-    """Batch-1 latencies (ms) of two models on ``example``: :func:`latency_ms` of each in
-    turn, then once more in reverse order, and the lower median of each model's two rounds
-    (a load drift on a shared machine shows as a difference between the rounds, returned
-    as ``{"before": [ms, ms], "after": [ms, ms]}``)."""
+    """Batch-1 latencies (ms) of two models on ``example``: two rounds of
+    :func:`paired_medians` (their passes interleaved), the lower median of each model's two
+    rounds (a load drift on a shared machine shows as a difference between the rounds,
+    returned as ``{"before": [ms, ms], "after": [ms, ms]}``)."""
     rounds: dict[str, list[float]] = {"before": [], "after": []}
-    models = {"before": before, "after": after}
-    for order in (("before", "after"), ("after", "before")):
-        for k in order:
-            rounds[k].append(latency_ms(models[k], example, passes=passes))
+    with _forwards({"before": before, "after": after}, example) as fns:
+        for _ in range(2):
+            for k, ms in paired_medians(fns, passes).items():
+                rounds[k].append(ms)
     return min(rounds["before"]), min(rounds["after"]), rounds
 
 

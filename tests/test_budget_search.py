@@ -98,8 +98,35 @@ def test_where_the_rules_cut_breaks_half_of_it_is_tried(digits, monkeypatch):
 
     monkeypatch.setattr(whole.WholeModel, "judge", strict)
     res = compress(model, train, eval_data=test, config=_cfg(epsilon=100.0, past_edge=2.0))
-    for r in res.history:
-        assert r.status == "applied" and r.attempt == 2 and r.share == whole.BACKOFF_SHARE
+    for r, tries in zip(res.history, (2, 3)):   # the last site also tried the midway k
+        assert r.status == "applied" and r.attempt == tries and r.share == whole.BACKOFF_SHARE
         assert r.k == r.d - (r.d - r.mp_k) // 2 > r.mp_k
-        assert r.reason.count("too deep for this test") == 2
+        assert r.reason.count("too deep for this test") == tries
     assert res.original_params > res.final_params
+
+
+def test_the_last_site_tries_halfway_between_a_deep_cut_that_broke_and_the_rules(
+        digits, monkeypatch):
+    model, train, test = digits
+    judge = whole.WholeModel.judge
+    depths = []
+
+    def no_deepest(self, unit, recs):   # the first, deepest attempt of each site breaks
+        why = judge(self, unit, recs)
+        if recs[0].attempt == 0:
+            depths.append(recs[0].share)
+            return why or "too deep for this test"
+        return why
+
+    monkeypatch.setattr(whole.WholeModel, "judge", no_deepest)
+    res = compress(model, train, eval_data=test, config=_cfg(epsilon=100.0, past_edge=2.0))
+    first, last = res.history
+    assert depths == [2.0, 1.5]   # the depth halved after the first site broke
+    # not the last site: the rule's k next
+    assert first.status == "applied" and first.attempt == 1 and first.k == first.mp_k
+    # the last site: the share whose k is halfway between the deep one and the rule's
+    mid = 2 * 1.5 / (1.5 + 1)
+    assert last.status == "applied" and last.attempt == 1 and last.share == mid
+    k_deep = math.ceil(last.mp_k / 1.5)
+    assert last.k == math.ceil(last.mp_k / mid) and k_deep < last.k < last.mp_k
+    assert abs(last.k - (k_deep + last.mp_k) / 2) <= 1

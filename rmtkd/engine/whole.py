@@ -14,7 +14,9 @@ to deep. Per site (:func:`rmtkd.engine.loop.run`):
    model's, or became NaN, roll back to the teacher; ``on_violation`` "stop" ends the run.
    With ``past_edge`` the site first tries a deeper cut than its rule's, kept when it
    spends at most the site's share of the budget left (else the rule's k follows, and
-   where that breaks the budget too, half of the rule's cut);
+   where that breaks the budget too, half of the rule's cut; at the last site, which has
+   the whole budget left, the k halfway between the deep cut and the rule's is tried
+   first);
 6. stop once ``params <= param_target * original`` or ``max_steps`` steps were tried.
 
 Under torch.distributed (a process group of more than one rank) calibration is sharded and
@@ -383,6 +385,12 @@ class WholeModel(Strategy):
             k_deep, _ = attempt_k(cut, self.depth)
             if 1 <= k_deep < cut.k:
                 self.shares = [self.depth, 1.0]
+                # the last site: no site after it needs the slack, so where the deep cut
+                # breaks, the k halfway between it and the rule's is tried before the rule's
+                mid = 2.0 * self.depth / (self.depth + 1.0)
+                if unit.index == len(self.units) - 1 and k_deep < attempt_k(cut, mid)[0] \
+                        < cut.k:
+                    self.shares = [self.depth, mid, 1.0]
             # short of the edge: half the rule's cut, when the rule's own cut breaks
             k_half, _ = attempt_k(cut, BACKOFF_SHARE)
             if cut.k < k_half < cut.d:

@@ -30,7 +30,6 @@ import contextlib
 import importlib
 import logging
 import math
-import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -401,19 +400,6 @@ def _max_abs_diff(a, b) -> float:
 
 # ------------------------------------------------------------------------------ latency
 
-def _median_ms(fn, passes: int, warmup: int) -> float:
-    """As :func:`rmtkd.report.latency_ms`: ``warmup`` untimed calls, then the median
-    perf_counter time of ``passes`` calls, in ms."""
-    times = []
-    for i in range(warmup + passes):
-        t0 = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
-
-
 def _check_passes(passes: int, warmup: int) -> None:
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise InputError(f"latency: repeats/passes must be a positive int; got {passes!r}")
@@ -430,7 +416,9 @@ def onnx_latency_ms(path: str | Path, example: Mapping[str, torch.Tensor], *,
     _check_passes(repeats, warmup)
     session = _session(path, threads)
     feeds = _feeds(session, example, "latency example")
-    return _median_ms(lambda: session.run(None, feeds), repeats, warmup)
+    from ..report import paired_medians
+
+    return paired_medians({"onnx": lambda: session.run(None, feeds)}, repeats, warmup)["onnx"]
 
 
 @contextlib.contextmanager
@@ -450,9 +438,10 @@ def latency_table(before_model: nn.Module, after_model: nn.Module, before_onnx: 
     """CPU latency of the model before and after compression, in torch and in ONNX Runtime,
     per batch size (``examples``: ``{1: batch of 1, 32: batch of 32}``).
 
-    Each engine is timed as :func:`rmtkd.report.latency_pair` does: before then after, then
-    after then before, each model's lower median of its two rounds (a load drift shows as a
-    difference between the rounds, kept in ``"rounds"``). torch and ORT run with the same
+    Each engine is timed as :func:`rmtkd.report.latency_pair` does: two rounds of
+    :func:`rmtkd.report.paired_medians` (the two models' passes interleaved), each model's
+    lower median of its two rounds (a load drift shows as a difference between the rounds,
+    kept in ``"rounds"``). torch and ORT run with the same
     ``threads`` (default ``torch.get_num_threads()``).
 
     Returns:
@@ -462,7 +451,7 @@ def latency_table(before_model: nn.Module, after_model: nn.Module, before_onnx: 
         ``onnx_vs_torch_after`` (torch ms / ORT ms) and ``rounds``.
         :func:`format_latency_table` prints it.
     """
-    from ..report import latency_pair
+    from ..report import latency_pair, paired_medians
 
     _check_passes(passes, warmup)
     threads = int(threads or torch.get_num_threads())
@@ -476,11 +465,11 @@ def latency_table(before_model: nn.Module, after_model: nn.Module, before_onnx: 
             tb, ta, t_rounds = latency_pair(before_model, after_model, example, passes=passes)
         feeds = {k: _feeds(s, example, f"latency example for batch {b}")
                  for k, s in sessions.items()}
+        runs = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
         o_rounds: dict[str, list[float]] = {"before": [], "after": []}
-        for order in (("before", "after"), ("after", "before")):
-            for k in order:
-                s, f = sessions[k], feeds[k]
-                o_rounds[k].append(_median_ms(lambda: s.run(None, f), passes, warmup))
+        for _ in range(2):
+            for k, ms in paired_medians(runs, passes, warmup).items():
+                o_rounds[k].append(ms)
         ob, oa = min(o_rounds["before"]), min(o_rounds["after"])
         rows[int(b)] = {
             "torch_before_ms": tb, "torch_after_ms": ta, "torch_speedup": tb / ta,
