@@ -30,9 +30,10 @@ from .model import HFModel, load_hf_dir
 # matching the blocks' outputs too (``distill_features: "blocks"``, resolved to the model's
 # blocks by its adapter). Classifiers then have their residual stream cut (post-norm
 # encoders only; the last step: cut first, it left too little slack for the deep cuts
-# after it), distilled for 320 steps (100 left it 1.33 points below the original). On the
-# Rotten Tomatoes example (6 blocks, 10k texts, 2 CPU cores, Intel Xeon): 64.0% fewer
-# parameters at +0.31 test points in 496 s of compression (BENCHMARKS.md, issue 15).
+# after it), distilled for 320 steps (100 left it 1.33 points below the original); as the
+# last site it also tries the k halfway between its deep cut and its MP one. On the
+# Rotten Tomatoes example (6 blocks, 10k texts, 2 CPU cores, Intel Xeon): 71.1% fewer
+# parameters at -0.08 test points in 844 s of compression (BENCHMARKS.md, issue 15).
 _DISTIL = {"sites": ["embedding_rank", "mlp_width"], "past_edge": 2.0, "lr": 1e-4,
            "warmup_steps": 30, "distill_epochs": 1, "distill_min_steps": 0,
            "distill_max_steps": 100, "distil_from": "original", "distill_features": "blocks"}
