@@ -279,6 +279,34 @@ def test_the_stream_cut_last_after_mlp_and_embedding_cuts(tmp_path):
                                rtol=0, atol=1e-6)
 
 
+def test_the_stream_cut_after_a_value_cut_goes_through_the_head_modules(tmp_path):
+    """A value cut first (per-head dims [2, 3, 0, 5]: head 2 removed): the residual cut
+    then cuts the inner Linears of its HeadPaddedLinear (a reader) and HeadSelectLinear
+    (a writer); equal to the float64 reference on that model; save / load keeps it."""
+    from rmtkd.hf.modeling_rmtkd import HeadPaddedLinear, HeadSelectLinear
+    from rmtkd.reduce import head_reduction
+
+    model = model_of(BertForSequenceClassification)
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(H, H, generator=g, dtype=torch.float64)
+    att = "bert.encoder.layer.0.attention"
+    assert reduce_site(model, head_reduction("v", f"{att}.output.dense", A @ A.T, HEADS,
+                                             [2, 3, 0, 5],
+                                             mean=torch.randn(H, generator=g))).applied
+    red, stream = stream_reduction(model, 14)
+    want = out(reference(model, red, stream), FRESH)
+    assert reduce_site(model, red).applied
+    value = model.get_submodule(f"{att}.self.value")
+    dense = model.get_submodule(f"{att}.output.dense")
+    assert type(value) is HeadPaddedLinear and value.linear.weight.shape == (10, 14)
+    assert type(dense) is HeadSelectLinear and dense.linear.weight.shape == (14, 10)
+    assert model.get_submodule(f"{att}.self.query").weight.shape == (24, 14)   # 3 heads
+    torch.testing.assert_close(out(model, FRESH).double(), want, rtol=0, atol=2e-5)
+    rmtkd.save(model, tmp_path / "m")
+    torch.testing.assert_close(out(rmtkd.load(tmp_path / "m"), FRESH), out(model, FRESH),
+                               rtol=0, atol=1e-6)
+
+
 def test_a_stream_narrower_than_the_embedding_rank_makes_the_table_dense(tmp_path):
     from rmtkd.hf.modeling_rmtkd import EMBEDDING_KEY
 

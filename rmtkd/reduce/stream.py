@@ -13,7 +13,9 @@ all units from them):
   the approximation this cut makes besides dropping the other units);
 - a Linear reading state i becomes ``W R`` with bias ``b + W (m_i - R m_i[S])`` (m_i: the
   state's mean), i.e. it reads the least-squares reconstruction of the d units;
-- a Linear writing into a residual sum keeps its output rows S;
+- a Linear writing into a residual sum keeps its output rows S (after a value cut, the
+  inner Linear of the value's HeadPaddedLinear / the output's HeadSelectLinear is cut the
+  same way, so the two cuts may come in either order);
 - where the model's output carries the last state (a bare encoder, a sentence encoder), that
   norm is followed by the same reconstruction, ``nn.Sequential(LayerNorm(k), Linear(k, d))``,
   so the outputs keep d features.
@@ -26,7 +28,8 @@ import torch
 from torch import nn
 
 from ..adapters import StreamSpec
-from ..hf.modeling_rmtkd import RESIDUAL_KEY, FactorizedEmbedding
+from ..hf.modeling_rmtkd import (RESIDUAL_KEY, FactorizedEmbedding, HeadPaddedLinear,
+                                 HeadSelectLinear)
 from .embedding import dense_table
 from .maths import Reduction, UnsupportedModuleError
 from .mlp import _f64, _linear
@@ -55,6 +58,32 @@ def _plain(model: nn.Module, name: str, kind: type) -> nn.Module:
             f"not a plain {kind.__name__}; cut the residual width before the sites that "
             f"replace it (put 'residual_width' first)")
     return m
+
+
+def _stream_linear(model: nn.Module, name: str, head_kind: type) -> tuple[nn.Module, nn.Linear]:
+    """``(module, the nn.Linear holding its stream-side weight)``: a plain Linear, or a
+    value cut's per-head module ``head_kind`` (HeadPaddedLinear reads the whole stream,
+    HeadSelectLinear writes it), whose inner Linear is cut the same way."""
+    m = model.get_submodule(name)
+    if type(m) is head_kind:
+        return m, m.linear
+    return m, _plain(model, name, nn.Linear)
+
+
+def _rewrap(module: nn.Module, linear: nn.Linear) -> nn.Module:
+    """``module`` with ``linear`` in place of its weight: the Linear itself, or a copy of
+    the per-head module around it (same head dims)."""
+    if type(module) is nn.Linear:
+        return linear
+    ref = linear.weight
+    if type(module) is HeadPaddedLinear:
+        new = HeadPaddedLinear(linear.in_features, module.head_dims, module.head_size,
+                               bias=linear.bias is not None, device=ref.device, dtype=ref.dtype)
+    else:
+        new = HeadSelectLinear(module.head_dims, module.head_size, linear.out_features,
+                               bias=linear.bias is not None, device=ref.device, dtype=ref.dtype)
+    new.linear = linear
+    return new.train(module.training)
 
 
 def _norm(ln: nn.LayerNorm, S: torch.Tensor) -> nn.LayerNorm:
@@ -104,8 +133,8 @@ def stream_replacements(model: nn.Module, stream: StreamSpec, reduction: Reducti
 
     Raises:
         ValueError: the reduction carries no units (a rotation) or does not match d.
-        UnsupportedModuleError: a module of the stream is not a plain Linear / LayerNorm /
-            embedding table.
+        UnsupportedModuleError: a module of the stream is not a plain Linear (or a value
+            cut's HeadPaddedLinear / HeadSelectLinear) / LayerNorm / embedding table.
     """
     if reduction.units is None:
         raise ValueError(f"Reduction {reduction.site!r}: the residual stream is cut by unit "
@@ -131,14 +160,14 @@ def stream_replacements(model: nn.Module, stream: StreamSpec, reduction: Reducti
         else:
             new[state] = norm
         for name in readers:
-            lin = _plain(model, name, nn.Linear)
+            mod, lin = _stream_linear(model, name, HeadPaddedLinear)
             W = _f64(lin.weight)   # readers always get a bias (reshape relies on it)
             b = W @ shift + (0.0 if lin.bias is None else _f64(lin.bias))
-            new[name] = _linear(W @ R, b, lin)
+            new[name] = _rewrap(mod, _linear(W @ R, b, lin))
     for name in stream.writers:
-        lin = _plain(model, name, nn.Linear)
-        new[name] = _linear(_f64(lin.weight)[S], None if lin.bias is None
-                            else _f64(lin.bias)[S], lin)
+        mod, lin = _stream_linear(model, name, HeadSelectLinear)
+        new[name] = _rewrap(mod, _linear(_f64(lin.weight)[S], None if lin.bias is None
+                                         else _f64(lin.bias)[S], lin))
     return new
 
 
