@@ -42,13 +42,12 @@ _RESIDUAL = {"sites": ["embedding_rank", "mlp_width", "residual_width"],
 # Sentence encoders distil each step for 300 steps: at 100 the embedding rank's MP cut
 # broke the cosine budget and was kept at half of it (35.1% fewer in total on the MiniLM
 # example); at 300 it holds (53.7% fewer at test cosine 95.60, 1,108 s; BENCHMARKS.md).
-_EMBEDDING_STEPS = 300
 #: CompressConfig settings per task for Hugging Face text models (command-line flags and a
 #: --config file override them); epsilon in accuracy points, or cosine points (embedding).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classification": {"task": "classification", "epsilon": 1.0, **_DISTIL, **_RESIDUAL},
     "embedding": {"task": "embedding", "epsilon": 4.5, **_DISTIL,
-                  "distill_max_steps": _EMBEDDING_STEPS},
+                  "distill_max_steps": 300},
 }
 BATCH_SIZE = 32
 

@@ -75,14 +75,15 @@ def _rewrap(module: nn.Module, linear: nn.Linear) -> nn.Module:
     the per-head module around it (same head dims)."""
     if type(module) is nn.Linear:
         return linear
-    ref = linear.weight
+    bias = linear.bias is not None   # built on the meta device: ``linear`` replaces its own
     if type(module) is HeadPaddedLinear:
         new = HeadPaddedLinear(linear.in_features, module.head_dims, module.head_size,
-                               bias=linear.bias is not None, device=ref.device, dtype=ref.dtype)
+                               bias=bias, device="meta")
     else:
         new = HeadSelectLinear(module.head_dims, module.head_size, linear.out_features,
-                               bias=linear.bias is not None, device=ref.device, dtype=ref.dtype)
+                               bias=bias, device="meta")
     new.linear = linear
+    new.refresh_index()
     return new.train(module.training)
 
 
