@@ -13,9 +13,8 @@ import sys
 
 if sys.argv[1] == "cut":
     sys.argv = sys.argv[1:]
-    import sys, time
+    import time
     from pathlib import Path
-    import torch
     from rmtkd.engine import BlockwiseSettings, CompressConfig, compress_blockwise, format_blocks
     from rmtkd.examples import smollm2
     ratio = float(sys.argv[1]); out = Path(sys.argv[2]); residual = len(sys.argv) > 3
@@ -27,12 +26,13 @@ if sys.argv[1] == "cut":
     print(format_blocks(res)); print("params", res.params_before, res.params_after, "ppl", res.original_ppl, res.final_ppl, "s", time.perf_counter()-t0)
 else:
     sys.argv = sys.argv[1:]
-    import sys, time
+    import time
     from pathlib import Path
     import torch, torch.nn.functional as F
     import rmtkd
     from transformers import LlamaForCausalLM
-    from rmtkd.engine.blockwise import load_tokenizer
+    from rmtkd.engine import CompressConfig
+    from rmtkd.engine.blockwise import load_tokenizer, split_tokens
     from rmtkd.examples import smollm2
     from rmtkd.llm import token_sequences, perplexity
     out = Path(sys.argv[1]); steps = int(sys.argv[2]); lr = float(sys.argv[3]); n_extra = int(sys.argv[4]); bs = int(sys.argv[5]) if len(sys.argv) > 5 else 8
@@ -40,12 +40,10 @@ else:
     md = smollm2.model_dir(); tok = load_tokenizer(md)
     calib, held = smollm2.texts()
     seqs = token_sequences(calib, 128, tokenizer=tok)
-    n_cal, n_held = 128, 16
-    rest = seqs[n_cal:]
-    idx = ((torch.arange(n_held, dtype=torch.float64) + 0.5) * rest.shape[0] / n_held).long()
-    budget = rest[idx]
-    mask = torch.ones(rest.shape[0], dtype=torch.bool); mask[idx] = False
-    train = torch.cat([seqs[:n_cal], rest[mask][:n_extra]])
+    cal, budget = split_tokens(seqs, CompressConfig())   # the job's calibration and budget slice
+    rest = seqs[cal.shape[0]:]
+    mask = ~(rest[:, None, :] == budget[None]).all(-1).any(-1)   # rows not in the slice
+    train = torch.cat([cal, rest[mask][:n_extra]])
     docs = token_sequences(held, 128, max_tokens=8192, tokenizer=tok)
     print("total seqs", seqs.shape[0], "train", train.shape[0], flush=True)
     teacher = LlamaForCausalLM.from_pretrained(str(md), dtype=torch.float32).eval()
