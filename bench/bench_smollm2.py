@@ -12,6 +12,8 @@ held-out documents (never seen by the job).
     python bench/bench_smollm2.py --rank-rule uniform:0.5 --ppl-ratio none --tag uniform
     # rank rules at equal size, cut only (no distillation, no budget):
     python bench/bench_smollm2.py --distill-epochs 0 --ppl-ratio none --no-speed --tag cut-mp
+    # residual cut, the block pass at 1.6x, a KL step winning it back to the budget 1.10:
+    python bench/bench_smollm2.py --residual --cut-ppl-ratio 1.6 --global-kl-steps 100 --tag kl
 """
 from __future__ import annotations
 
@@ -41,6 +43,13 @@ def main() -> None:
     ap.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                     help="cut the residual stream first (default: the library's)")
     ap.add_argument("--residual-share", type=float, default=None)
+    ap.add_argument("--global-kl-steps", type=int, default=0,
+                    help="final KL step: Adam steps per round (0 = off)")
+    ap.add_argument("--kl-rounds", type=int, default=None)
+    ap.add_argument("--kl-tokens", type=int, default=None)
+    ap.add_argument("--global-lr", type=float, default=None)
+    ap.add_argument("--cut-ppl-ratio", type=float, default=None,
+                    help="the block pass's looser ratio the KL step wins back")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
 
@@ -56,12 +65,15 @@ def main() -> None:
     model_dir = smollm2.model_dir()
     calib, held = smollm2.texts()
     ratio = None if a.ppl_ratio.lower() == "none" else float(a.ppl_ratio)
-    residual = {k: v for k, v in (("residual", a.residual),
-                                  ("residual_share", a.residual_share)) if v is not None}
+    residual = {k: v for k, v in (("residual", a.residual), ("residual_share", a.residual_share),
+                                  ("kl_rounds", a.kl_rounds), ("kl_tokens", a.kl_tokens),
+                                  ("global_lr", a.global_lr),
+                                  ("cut_ppl_ratio", a.cut_ppl_ratio)) if v is not None}
     cfg = CompressConfig(rank_rule=a.rank_rule, distill_epochs=a.distill_epochs,
                          blockwise=BlockwiseSettings(calib_tokens=a.calib_tokens,
                                                      heldout_tokens=a.heldout_tokens,
                                                      ppl_ratio=ratio, backoff=a.backoff,
+                                                     global_kl_steps=a.global_kl_steps,
                                                      **residual))
     with tempfile.TemporaryDirectory(prefix="bench-smollm2-") as tmp:
         t0 = time.perf_counter()
@@ -95,6 +107,7 @@ def main() -> None:
         "ppl_heldout_docs_before": b["perplexity"], "ppl_heldout_docs_after": f["perplexity"],
         "ppl_ratio_heldout_docs": f["perplexity"] / b["perplexity"],
         "ppl_budget_slice_before": res.original_ppl, "ppl_budget_slice_after": res.final_ppl,
+        "within_budget": res.within_budget,
         "tokens_per_s_before": b["tokens_per_s"], "tokens_per_s_after": f["tokens_per_s"],
         "tokens_per_s_ratio": f["tokens_per_s"] / b["tokens_per_s"],
         "job_seconds": res.seconds, "wall_seconds": wall, "eval_tokens": int(seqs.numel()),
@@ -103,11 +116,14 @@ def main() -> None:
         "median_block_seconds": statistics.median(x.seconds for x in res.blocks)}
     if res.residual is not None:
         print("residual:", {k: v for k, v in res.residual.items() if k != "eigenvalues"})
+    if res.global_kl is not None:
+        print("global KL:", res.global_kl)
     for k, v in summary.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     path = write_json(f"smollm2{'-' + a.tag if a.tag else ''}", {
         "machine": machine_info(), "settings": vars(a), "config": cfg.to_dict(),
         "summary": summary, "blocks": blocks, "residual": res.residual,
+        "global_kl": res.global_kl,
         "command": "python bench/bench_smollm2.py " + " ".join(sys.argv[1:])})
     print(f"wrote {path}")
 

@@ -270,9 +270,22 @@ def _add_compress_llm_parser(sub: Any) -> None:
                    help=f"local distillation epochs per block (default {epochs})")
     g.add_argument("--lr", type=float, default=lr, help=f"local distillation learning "
                    f"rate (default {lr})")
-    g.add_argument("--global-kl-steps", type=int, default=0,
-                   help="final KL distillation steps on the logits (default 0 = off; loads "
-                   "the whole original and compressed models)")
+    g.add_argument("--global-kl-steps", type=int, default=B.global_kl_steps,
+                   help="final KL distillation of the whole model on the original's "
+                   "log-probabilities: Adam steps per round (default 0 = off; loads the "
+                   "whole original and compressed models)")
+    g.add_argument("--global-lr", type=float, default=B.global_lr,
+                   help=f"learning rate of the KL step (default {B.global_lr})")
+    g.add_argument("--kl-tokens", type=int, default=B.kl_tokens,
+                   help=f"tokens of --text the KL step trains on: the calibration, then the "
+                   f"text after it, never the budget's slice (default {B.kl_tokens})")
+    g.add_argument("--kl-rounds", type=int, default=B.kl_rounds,
+                   help=f"KL rounds run at most while the budget's perplexity is over "
+                   f"--ppl-ratio (default {B.kl_rounds})")
+    g.add_argument("--cut-ppl-ratio", type=_ppl_ratio, default=B.cut_ppl_ratio,
+                   help="with --global-kl-steps: the perplexity ratio the block pass may "
+                   "reach before the KL step wins it back to --ppl-ratio (default: "
+                   "--ppl-ratio)")
     g.add_argument("--margin", type=_margin, default=CompressConfig.margin,
                    help="spike threshold margin, as for compress")
     g.add_argument("--device", default="cpu", help="where a block runs (cpu, cuda)")
@@ -342,7 +355,9 @@ def _run_compress_llm(args: argparse.Namespace) -> int:
                 calib_tokens=args.calib_tokens, seq_len=args.seq_len,
                 batch_size=args.batch_size, ppl_ratio=args.ppl_ratio,
                 heldout_tokens=args.heldout_tokens, backoff=args.backoff,
-                global_kl_steps=args.global_kl_steps, device=args.device,
+                global_kl_steps=args.global_kl_steps, global_lr=args.global_lr,
+                kl_tokens=args.kl_tokens, kl_rounds=args.kl_rounds,
+                cut_ppl_ratio=args.cut_ppl_ratio, device=args.device,
                 residual=args.residual, residual_share=args.residual_share))
         config.validate()
     except (TypeError, ValueError) as e:
@@ -359,10 +374,22 @@ def _run_compress_llm(args: argparse.Namespace) -> int:
         r = result.residual
         print(f"residual stream: hidden size {r['d']} -> {r['k']} (MP k {r['mp_k']}; "
               f"{len(r['tried'])} cut-only perplexities measured)")
+    if result.global_kl is not None:
+        k = result.global_kl
+        got = ", ".join(f"{r['ppl']:.3f}" for r in k["rounds"] if "ppl" in r)
+        kept = "kept" if k["kept"] else "not kept: no better than the block pass"
+        print(f"global KL: {len(k['rounds'])} round(s) of {k['steps_per_round']} steps on "
+              f"{k['tokens']:,} tokens" + (f"; budget slice perplexity "
+                                          f"{k['ppl_before']:.3f} -> {got} ({kept})"
+                                          if got else ""))
     if result.original_ppl is not None:
         print(f"budget: held-out perplexity (the budget's slice) {result.original_ppl:.3f} -> "
               f"{result.final_ppl:.3f} ({result.final_ppl / result.original_ppl:.4f}x; "
               f"allowed {args.ppl_ratio}x)")
+        if result.within_budget is False and result.global_kl is not None:
+            print(f"budget: NOT MET: the KL step did not bring the block pass's "
+                  f"{args.cut_ppl_ratio}x back within {args.ppl_ratio}x; rerun with a "
+                  f"smaller --cut-ppl-ratio or more --global-kl-steps / --kl-tokens")
         if result.params_after == result.params_before:
             print("budget: no cut fits in the budget; the model is unchanged")
     if not args.no_eval:

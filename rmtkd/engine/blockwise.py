@@ -34,9 +34,13 @@ Llama, Qwen2, Mistral) compressed one decoder block at a time in bounded memory.
    inputs; an atomic checkpoint (:mod:`rmtkd.checkpoint`: JSON + safetensors, with the
    size and sha256 of the shards and the current states file) is written;
 5. the final norm and head are copied; optionally (``global_kl_steps > 0``) the whole
-   student is distilled on the original's logits (loads both models whole; off by
-   default; it runs after the budget decisions); the shards are streamed into ``out`` in
-   the :func:`rmtkd.load` format.
+   student is distilled on the original's log-probabilities (:func:`global_kl`; loads both
+   models whole; off by default) over more of the text than the calibration (never the
+   budget's slice). With it the block pass may spend a looser ratio (``cut_ppl_ratio``)
+   that the KL step wins back: the slice's perplexity is remeasured after each KL round,
+   rounds continue while it is over ``ppl_ratio``, and the result reports the measured
+   value (``within_budget`` says whether it made it). The shards are streamed into
+   ``out`` in the :func:`rmtkd.load` format.
 
 A job killed at any point (even ``kill -9``) continues with ``resume=True`` and writes the
 same weights as an uninterrupted run: every block is seeded from ``(seed, block)``.
@@ -109,6 +113,16 @@ class BlockwiseResult:
     stats: dict[int, dict[str, CovarianceStats]] = field(default_factory=dict)
     #: the residual-stream cut: d, MP's k, the k cut, the perplexities tried (None: off)
     residual: dict | None = None
+    #: the final KL step: steps and held-out perplexity per round, kept or not (None: off)
+    global_kl: dict | None = None
+
+    @property
+    def within_budget(self) -> bool | None:
+        """Whether the final held-out perplexity is within ``ppl_ratio`` (None: no budget)."""
+        ratio = self.config["blockwise"]["ppl_ratio"]
+        if ratio is None or self.original_ppl is None or self.final_ppl is None:
+            return None
+        return self.final_ppl <= ratio * self.original_ppl * (1 + 1e-9)
 
     @property
     def reduction(self) -> float:
@@ -158,12 +172,13 @@ class Blockwise(Strategy):
     desc, unit_name = "blocks", "block"
 
     def __init__(self, src: WeightSource, seqs: torch.Tensor, held: torch.Tensor | None,
-                 out: Path, cfg: CompressConfig, resume: bool) -> None:
+                 out: Path, cfg: CompressConfig, resume: bool,
+                 kl_seqs: torch.Tensor | None = None) -> None:
         self.cfg, self.b = cfg, cfg.blockwise
         self.src, self.config = src, src.config
         self.progress, self.keep_all = cfg.progress, self.b.keep_all
         self.backoff = self.b.backoff if self.budgeted else 0
-        self.seqs, self.held = seqs, held
+        self.seqs, self.held, self.kl_seqs = seqs, held, kl_seqs
         self.out, self.work = out, work_dir(out)
         self.dev = torch.device(self.b.device)
         L = self.config.num_hidden_layers
@@ -185,6 +200,13 @@ class Blockwise(Strategy):
     def budgeted(self) -> bool:
         return self.b.ppl_ratio is not None and not self.b.keep_all
 
+    @property
+    def cut_ratio(self) -> float:
+        """The perplexity ratio the block pass may reach: ``cut_ppl_ratio`` when a KL step
+        follows to win the difference back, else the budget itself."""
+        b = self.b
+        return float(b.ppl_ratio if b.cut_ppl_ratio is None else b.cut_ppl_ratio)
+
     # -------------------------------------------------------------- files / checkpoint
     def _fingerprint(self) -> str:
         """sha256 of the weights (their files, or the in-memory state dict), config, data
@@ -201,7 +223,7 @@ class Blockwise(Strategy):
                 t = self.src.get(name)
                 h.update(name.encode())
                 h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        for t in (self.seqs, self.held):
+        for t in (self.seqs, self.held, self.kl_seqs):
             if t is not None:
                 h.update(t.numpy().tobytes())
         h.update(json.dumps(self.cfg.fingerprint_dict(), sort_keys=True,
@@ -358,7 +380,7 @@ class Blockwise(Strategy):
         if self.budgeted:
             orig = self._ppl(held, *self._norm_head_for(None))
             self.state["original_ppl"] = orig
-            target = orig * float(b.ppl_ratio) ** b.residual_share
+            target = orig * self.cut_ratio ** b.residual_share
             rec.update(original_ppl=orig, target_ppl=target)
 
             def fits(k: int) -> bool:
@@ -491,11 +513,12 @@ class Blockwise(Strategy):
 
     def _allowance(self, i: int) -> float:
         """The perplexity ratio blocks 0..i may spend: from ``r0`` (the ratio the job
-        starts from: 1, or the residual cut's) to ``ppl_ratio`` geometrically with the
-        share s of the block parameters in blocks 0..i: ``r0 (ppl_ratio / r0) ** s``."""
+        starts from: 1, or the residual cut's) to the pass's ratio R (:attr:`cut_ratio`)
+        geometrically with the share s of the block parameters in blocks 0..i:
+        ``r0 (R / r0) ** s``."""
         p = self.state["block_params"]
         r0 = float(self.state.get("start_ratio", 1.0))
-        return r0 * (float(self.b.ppl_ratio) / r0) ** (sum(p[: i + 1]) / max(sum(p), 1))
+        return r0 * (self.cut_ratio / r0) ** (sum(p[: i + 1]) / max(sum(p), 1))
 
     # -------------------------------------------------------------- the step
     def generators(self) -> tuple:
@@ -664,7 +687,7 @@ class Blockwise(Strategy):
         if got > allowed:
             return (f"held-out perplexity {ppl:.3f} is {got:.4f}x the original "
                     f"{self.state['original_ppl']:.3f}; blocks 0..{self.index} may spend "
-                    f"{allowed:.4f}x of the budget {self.b.ppl_ratio}")
+                    f"{allowed:.4f}x of the pass's ratio {self.cut_ratio}")
         return None
 
     def distil(self, unit: Unit, recs: list[StepRecord]) -> str | None:
@@ -805,28 +828,48 @@ def _linear_site(layer: nn.Module, name: str):
 
 # ----------------------------------------------------------------------------- driver
 
-def split_tokens(seqs: torch.Tensor, cfg: CompressConfig) -> tuple[torch.Tensor,
-                                                                   torch.Tensor | None]:
-    """``(calibration, held-out)`` sequences. Calibration: the first
+def split_rows(n: int, cfg: CompressConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row indices ``(calibration, held-out)`` of ``n`` sequences. Calibration: the first
     ``ceil(calib_tokens / seq_len)``. Held out (with a budget): ``ceil(heldout_tokens /
     seq_len)`` sequences spread evenly over the rest of the text, so the budget sees every
     part of it rather than its last document; when the text is too short for both, the
     last sequences are held out and calibration gets what precedes them."""
     b = cfg.blockwise
-    n_cal = math.ceil(b.calib_tokens / b.seq_len)
+    n_cal = min(n, math.ceil(b.calib_tokens / b.seq_len))
     if b.ppl_ratio is None or b.keep_all:
-        return seqs[:n_cal], None
+        return torch.arange(n_cal), None
     n_held = max(1, math.ceil(b.heldout_tokens / b.seq_len))
-    if seqs.shape[0] <= n_held:
-        raise InputError(f"the text gives {seqs.shape[0]} sequences of {b.seq_len} tokens; "
+    if n <= n_held:
+        raise InputError(f"the text gives {n} sequences of {b.seq_len} tokens; "
                          f"the perplexity budget holds out {n_held} of them "
                          f"(heldout_tokens={b.heldout_tokens}): pass more text, or a smaller "
                          f"heldout_tokens, or no budget (ppl_ratio=None)")
-    if seqs.shape[0] - n_cal < n_held:
-        return seqs[:-n_held], seqs[-n_held:]
-    rest = seqs[n_cal:]
-    idx = ((torch.arange(n_held, dtype=torch.float64) + 0.5) * rest.shape[0] / n_held).long()
-    return seqs[:n_cal], rest[idx]
+    if n - n_cal < n_held:
+        return torch.arange(n - n_held), torch.arange(n - n_held, n)
+    rest = n - n_cal
+    idx = ((torch.arange(n_held, dtype=torch.float64) + 0.5) * rest / n_held).long()
+    return torch.arange(n_cal), n_cal + idx
+
+
+def split_tokens(seqs: torch.Tensor, cfg: CompressConfig) -> tuple[torch.Tensor,
+                                                                   torch.Tensor | None]:
+    """``(calibration, held-out)`` sequences of ``seqs`` (:func:`split_rows`)."""
+    cal, held = split_rows(seqs.shape[0], cfg)
+    return seqs[cal], None if held is None else seqs[held]
+
+
+def kl_sequences(seqs: torch.Tensor, cfg: CompressConfig) -> torch.Tensor:
+    """The final KL step's data: the calibration sequences, then the text after them in
+    order, never a held-out row; ``ceil(kl_tokens / seq_len)`` sequences at most (never
+    fewer than the calibration)."""
+    b = cfg.blockwise
+    cal, held = split_rows(seqs.shape[0], cfg)
+    taken = torch.zeros(seqs.shape[0], dtype=torch.bool)
+    taken[cal] = True
+    if held is not None:
+        taken[held] = True
+    rows = torch.cat([cal, torch.nonzero(~taken).flatten()])
+    return seqs[rows[: max(len(cal), math.ceil(b.kl_tokens / b.seq_len))]]
 
 
 def compress_blockwise(model: Any, data: Any, *, out: str | os.PathLike,
@@ -863,15 +906,16 @@ def compress_blockwise(model: Any, data: Any, *, out: str | os.PathLike,
     if tokenizer is None and src.path is not None and isinstance(data, (list, tuple)) and \
             data and isinstance(data[0], str):
         tokenizer = load_tokenizer(src.path)
-    budget_tokens = 0 if b.ppl_ratio is None or b.keep_all else b.heldout_tokens
-    seqs = token_sequences(data, b.seq_len, tokenizer=tokenizer,
-                           max_tokens=None if budget_tokens else b.calib_tokens)
+    budgeted = b.ppl_ratio is not None and not b.keep_all
+    seqs = token_sequences(data, b.seq_len, tokenizer=tokenizer, max_tokens=None if budgeted
+                           else max(b.calib_tokens, b.kl_tokens if b.global_kl_steps else 0))
     vocab = src.config.vocab_size
     if int(seqs.max()) >= vocab or int(seqs.min()) < 0:
         raise InputError(f"token ids must lie in [0, {vocab}) (the model's vocab_size); got "
                          f"[{int(seqs.min())}, {int(seqs.max())}]")
     calib, held = split_tokens(seqs, cfg)
-    s = Blockwise(src, calib, held, out, cfg, resume)
+    kl = kl_sequences(seqs, cfg) if b.global_kl_steps > 0 else None
+    s = Blockwise(src, calib, held, out, cfg, resume, kl)
     run(s)
     return _assemble(s, out)
 
@@ -906,16 +950,21 @@ def _assemble(s: Blockwise, out: Path) -> BlockwiseResult:
         mm._mmap.close()   # noqa: SLF001 -- the states are no longer needed
     shards = [shard_name(j, total) for j in range(1, total + 1)]
     cfg_json = config_dict(src, state["widths"], src.dtype(), overrides)
-    shard_dir = model_dir
-    if b.global_kl_steps > 0:
-        shard_dir = work / "model-kl"
-        if not state["kl_done"]:
-            if shard_dir.exists():
-                shutil.rmtree(shard_dir)
-            shard_dir.mkdir()
-            global_kl(src, model_dir, shard_dir, shards, cfg_json, s.seqs, cfg)
-            state["kl_done"] = True
+    kl_dir = work / "model-kl"
+    if s.kl_seqs is not None and not (b.ppl_ratio == 1.0 and s.budgeted):
+        if not state["kl_done"]:   # (a zero budget keeps the original: nothing to distil)
+            if kl_dir.exists():
+                shutil.rmtree(kl_dir)
+            kl_dir.mkdir()
+            rec = global_kl(src, model_dir, kl_dir, shards, cfg_json, s.kl_seqs, s.held,
+                            cfg, state.get("current_ppl"), state.get("original_ppl"))
+            state.update(kl_done=True, global_kl=rec)
+            if rec["kept"] and rec["ppl"] is not None:
+                state["current_ppl"] = rec["ppl"]
+            for shard in shards if rec["kept"] else ():
+                s._track(f"model-kl/{shard}")
             s.checkpoint(state["next_block"], True)
+    shard_dir = kl_dir if state.get("global_kl", {}).get("kept") else model_dir
     final = work / "final"
     if final.exists():
         shutil.rmtree(final)
@@ -925,7 +974,7 @@ def _assemble(s: Blockwise, out: Path) -> BlockwiseResult:
         "config": fit_cfg, "history": state["history"],
         "calibration": {"sequences": int(s.seqs.shape[0]), "seq_len": int(s.seqs.shape[1]),
                         "heldout_sequences": 0 if s.held is None else int(s.held.shape[0])},
-        "params_before": src.n_params(), "global_kl": b.global_kl_steps > 0,
+        "params_before": src.n_params(), "global_kl": state.get("global_kl"),
         "original_ppl": state.get("original_ppl"), "final_ppl": state.get("current_ppl"),
         "residual": state.get("residual")}}
     params_after = write_model(final, shard_dir, shards, cfg_json, extras)
@@ -940,7 +989,7 @@ def _assemble(s: Blockwise, out: Path) -> BlockwiseResult:
     return BlockwiseResult(out, [StepRecord.from_dict(d) for d in state["history"]],
                            src.n_params(), params_after, seconds, cfg.to_dict(),
                            state.get("original_ppl"), state.get("current_ppl"),
-                           s.stats_out, state.get("residual"))
+                           s.stats_out, state.get("residual"), state.get("global_kl"))
 
 
 def _publish(model_dir: Path, out: Path) -> None:
@@ -959,12 +1008,24 @@ def _publish(model_dir: Path, out: Path) -> None:
 
 
 def global_kl(src: WeightSource, shard_dir: Path, out_dir: Path, shards: list[str],
-              cfg_json: dict, seqs: torch.Tensor, cfg: CompressConfig) -> None:
+              cfg_json: dict, seqs: torch.Tensor, held: torch.Tensor | None,
+              cfg: CompressConfig, start_ppl: float | None, original_ppl: float | None
+              ) -> dict:
     """Distil the whole compressed model (``shards`` in ``shard_dir``) on the original
-    model's logits (KL, ``global_kl_steps`` Adam steps on random calibration batches);
-    write its shards to ``out_dir``. Loads both models whole (not bounded by one block)."""
+    model's log-probabilities over ``seqs``; write its shards to ``out_dir``. Rounds of
+    ``global_kl_steps`` Adam steps (random batches, 10% warm-up, linear decay); with a
+    budget (``held`` given) the held-out perplexity is measured after each round and rounds
+    continue, up to ``kl_rounds``, while it is over ``ppl_ratio`` x ``original_ppl``. The
+    best weights measured are written, when they beat ``start_ppl`` (the block pass's
+    perplexity). Loads both models whole (not bounded by one block).
+
+    Returns the record: tokens, per round its steps and held-out perplexity, the best
+    perplexity (``ppl``; None without a budget) and whether the distilled weights are kept.
+    """
     from safetensors import safe_open
     from tqdm.auto import tqdm
+
+    from ..llm.evaluate import perplexity
 
     b = cfg.blockwise
     teacher = src.model
@@ -973,27 +1034,57 @@ def global_kl(src: WeightSource, shard_dir: Path, out_dir: Path, shards: list[st
             str(src.path), local_files_only=True, dtype=torch.float32)
     dev = torch.device(b.device)
     teacher = teacher.to(dev).eval()
-    student = build_from_shards(shard_dir, shards, cfg_json).to(dev).train()
+    student = build_from_shards(shard_dir, shards, cfg_json).to(dev)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)
-    opt = torch.optim.Adam(student.parameters(), lr=b.global_lr)
-    for _ in tqdm(range(b.global_kl_steps), desc="global KL", disable=not cfg.progress):
-        idx = torch.randint(0, seqs.shape[0], (min(b.batch_size, seqs.shape[0]),),
-                            generator=gen)
-        ids = seqs[idx].to(dev)
+    steps, bs = b.global_kl_steps, min(b.batch_size, seqs.shape[0])
+    target = None if held is None else float(b.ppl_ratio) * float(original_ppl)
+    rec: dict = {"tokens": int(seqs.numel()), "steps_per_round": steps, "rounds": [],
+                 "ppl_before": start_ppl, "target_ppl": target}
+    best, best_ppl = None, math.inf if start_ppl is None else float(start_ppl)
+    warm = max(1, steps // 10)
+    for r in range(b.kl_rounds if held is not None else 1):
+        opt = torch.optim.Adam(student.parameters(), lr=b.global_lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: min(1.0, (t + 1) / warm) * max(0.0, 1.0 - t / steps))
+        student.train()
+        bar = tqdm(range(steps), desc=f"global KL (round {r + 1})", disable=not cfg.progress)
+        loss_sum = 0.0
+        for _ in bar:
+            idx = torch.randint(0, seqs.shape[0], (bs,), generator=gen)
+            ids = seqs[idx].to(dev)
+            with torch.no_grad():
+                t = teacher(input_ids=ids).logits.float().log_softmax(-1)
+            st = student(input_ids=ids).logits.float().log_softmax(-1)
+            loss = torch.nn.functional.kl_div(st.flatten(0, 1), t.flatten(0, 1),
+                                              log_target=True, reduction="batchmean")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+            bar.set_postfix(kl=f"{loss.item():.4f}")
+        row = {"steps": steps, "mean_kl": loss_sum / steps}
+        if held is None:
+            rec["rounds"].append(row)
+            best = student.state_dict()
+            break
         with torch.no_grad():
-            t = teacher(input_ids=ids).logits.float().log_softmax(-1)
-        st = student(input_ids=ids).logits.float().log_softmax(-1)
-        loss = torch.nn.functional.kl_div(st.flatten(0, 1), t.flatten(0, 1),
-                                          log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    state = student.state_dict()
-    dtype = src.dtype()
-    for shard in shards:
-        with safe_open(str(shard_dir / shard), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-        write_shard(out_dir / shard, {k: state[k].to(dtype) for k in keys})
+            ppl = perplexity(student, held, batch_size=b.batch_size)
+        row["ppl"] = ppl
+        rec["rounds"].append(row)
+        if ppl < best_ppl:
+            best_ppl = ppl
+            best = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        if best_ppl <= target * (1 + 1e-9):
+            break
+    rec.update(kept=best is not None, ppl=None if held is None else best_ppl)
+    if best is not None:
+        dtype = src.dtype()
+        for shard in shards:
+            with safe_open(str(shard_dir / shard), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+            write_shard(out_dir / shard, {k: best[k].to(dtype) for k in keys})
+    return rec
 
 
 def format_blocks(result: BlockwiseResult) -> str:

@@ -39,8 +39,18 @@ class BlockwiseSettings:
     backoff: partial cuts tried on a block that breaks its share of the budget before the
     block is left uncut (each cuts the share of the site's cut that the last attempt's
     measured perplexity says fits).
-    global_kl_steps, global_lr: optional final KL distillation on the logits (loads the
-    whole original and compressed models; 0 = off).
+    global_kl_steps, global_lr: an optional final KL distillation of the whole compressed
+    model on the original's log-probabilities (0 = off; it loads both models whole, so
+    memory is no longer bounded by one block): ``global_kl_steps`` Adam steps per round
+    (batch ``batch_size``, 10% warm-up, linear decay) on ``kl_tokens`` tokens of the text
+    (the calibration sequences, then the text after them; never the budget's slice). With
+    a budget the slice's perplexity is remeasured after each round, up to ``kl_rounds``
+    rounds run while it is over ``ppl_ratio``, and the distilled weights are kept only
+    when they measure better than the block pass's (the result's ``final_ppl`` is the
+    measured one).
+    cut_ppl_ratio: the perplexity ratio the block pass (the residual cut and the blocks'
+    allowances) may reach when the KL step follows to win it back down to ``ppl_ratio``
+    (None: ``ppl_ratio``). Needs ``global_kl_steps > 0`` and a budget.
     keep_all: fit nothing, keep every direction (k = d) and cut anyway (checks: the output
     computes the same function).
     device: where a block runs; the hidden states stay in memory-mapped files.
@@ -62,7 +72,10 @@ class BlockwiseSettings:
     ppl_ratio: float | None = 1.10
     backoff: int = 2
     global_kl_steps: int = 0
-    global_lr: float = 1e-5
+    global_lr: float = 3e-5
+    kl_tokens: int = 131072
+    kl_rounds: int = 3
+    cut_ppl_ratio: float | None = None
     keep_all: bool = False
     device: str = "cpu"
     keep_stats: bool = False
@@ -80,6 +93,17 @@ class BlockwiseSettings:
                                                and self.ppl_ratio >= 1.0):
             raise ValueError(f"blockwise.ppl_ratio must be >= 1 (or None), got "
                              f"{self.ppl_ratio}")
+        if self.kl_tokens < 1 or self.kl_rounds < 1:
+            raise ValueError("blockwise.kl_tokens and kl_rounds must be >= 1")
+        if self.cut_ppl_ratio is not None:
+            if self.ppl_ratio is None or self.global_kl_steps == 0:
+                raise ValueError("blockwise.cut_ppl_ratio (the block pass's looser budget) "
+                                 "needs a budget (ppl_ratio) and a KL step after it "
+                                 "(global_kl_steps > 0) to win it back")
+            if not (math.isfinite(self.cut_ppl_ratio)
+                    and self.cut_ppl_ratio >= self.ppl_ratio):
+                raise ValueError(f"blockwise.cut_ppl_ratio must be >= ppl_ratio "
+                                 f"({self.ppl_ratio}), got {self.cut_ppl_ratio}")
         if not 0 < self.residual_share <= 1:
             raise ValueError(f"blockwise.residual_share must be in (0, 1] (the share of the "
                              f"budget the residual cut may spend), got {self.residual_share}")
