@@ -72,7 +72,7 @@ class BlockwiseSettings:
     ppl_ratio: float | None = 1.10
     backoff: int = 2
     global_kl_steps: int = 0
-    global_lr: float = 3e-5
+    global_lr: float = 1e-4
     kl_tokens: int = 131072
     kl_rounds: int = 3
     cut_ppl_ratio: float | None = None

@@ -134,13 +134,21 @@ def split_heldout(data: Any, fraction: float = 0.1) -> tuple[Any, Any]:
 
 
 def compare_models(before: nn.Module, after: nn.Module, seqs: torch.Tensor, *,
-                   new_tokens: int = 32, repeats: int = 3, prompt_len: int = 16) -> dict:
+                   new_tokens: int = 32, repeats: int = 3, prompt_len: int = 16,
+                   rounds: int = 3) -> dict:
     """Perplexity on ``seqs``, greedy tokens/s at batch 1 (CPU) and parameters, before and
-    after."""
+    after. The speeds interleave: ``rounds`` alternations of before and after, each the
+    median of ``repeats`` generations; the reported rate is the median over the rounds
+    (a shared host's load then falls on both models alike)."""
     prompt = seqs[0, :prompt_len]
-    out = {}
-    for name, m in (("before", before), ("after", after)):
-        out[name] = {"params": count_params(m), "perplexity": perplexity(m, seqs),
-                     "tokens_per_s": generation_tokens_per_s(m, prompt, new_tokens=new_tokens,
-                                                             repeats=repeats)}
+    models = {"before": before, "after": after}
+    out = {name: {"params": count_params(m), "perplexity": perplexity(m, seqs)}
+           for name, m in models.items()}
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            rates[name].append(generation_tokens_per_s(m, prompt, new_tokens=new_tokens,
+                                                       repeats=repeats))
+    for name in models:
+        out[name]["tokens_per_s"] = statistics.median(rates[name])
     return out
