@@ -31,7 +31,7 @@ after = rmtkd.load(a.model).float().eval()
 rows = []
 for th in a.threads:
     torch.set_num_threads(th)
-    c = compare_models(before, after, seqs, new_tokens=a.new_tokens, repeats=5)
+    c = compare_models(before, after, seqs, new_tokens=a.new_tokens)
     b, f = c["before"]["tokens_per_s"], c["after"]["tokens_per_s"]
     rows.append({"threads": th, "params_before": c["before"]["params"],
                  "params_after": c["after"]["params"], "tokens_per_s_before": b,

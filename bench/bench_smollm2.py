@@ -18,6 +18,7 @@ held-out documents (never seen by the job).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--cut-ppl-ratio", type=float, default=None,
                     help="the block pass's looser ratio the KL step wins back")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--keep", type=Path, help="copy the compressed model to this directory")
     a = ap.parse_args()
 
     import torch
@@ -84,6 +86,8 @@ def main() -> None:
                                tokenizer=load_tokenizer(model_dir))
         before = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         after = rmtkd.load(Path(tmp) / "out").float()
+        if a.keep:
+            shutil.copytree(Path(tmp) / "out", a.keep, dirs_exist_ok=True)
         if a.no_speed:
             from rmtkd.llm import count_params, perplexity
 
@@ -91,7 +95,7 @@ def main() -> None:
                        "tokens_per_s": float("nan")}
                    for n, m in (("before", before), ("after", after))}
         else:
-            cmp = compare_models(before, after, seqs, new_tokens=a.new_tokens, repeats=5)
+            cmp = compare_models(before, after, seqs, new_tokens=a.new_tokens)
     b, f = cmp["before"], cmp["after"]
     blocks = [{"block": x.index, "status": x.status,
                "k": {s["site"]: s["k"] for s in x.sites},

@@ -134,12 +134,13 @@ def split_heldout(data: Any, fraction: float = 0.1) -> tuple[Any, Any]:
 
 
 def compare_models(before: nn.Module, after: nn.Module, seqs: torch.Tensor, *,
-                   new_tokens: int = 32, repeats: int = 3, prompt_len: int = 16,
-                   rounds: int = 3) -> dict:
+                   new_tokens: int = 32, repeats: int = 1, prompt_len: int = 16,
+                   rounds: int = 15) -> dict:
     """Perplexity on ``seqs``, greedy tokens/s at batch 1 (CPU) and parameters, before and
     after. The speeds interleave: ``rounds`` alternations of before and after, each the
     median of ``repeats`` generations; the reported rate is the median over the rounds
-    (a shared host's load then falls on both models alike)."""
+    (a shared host's load then falls on both models alike; many short alternations track
+    its drift better than a few long ones)."""
     prompt = seqs[0, :prompt_len]
     models = {"before": before, "after": after}
     out = {name: {"params": count_params(m), "perplexity": perplexity(m, seqs)}
