@@ -4,11 +4,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..report import paired_medians
 
 
 def token_sequences(data: Any, seq_len: int, *, max_tokens: int | None = None,
@@ -77,17 +79,26 @@ def generation_tokens_per_s(model: nn.Module, prompt: torch.Tensor, *, new_token
                             repeats: int = 3) -> float:
     """Greedy generation speed at batch 1: ``new_tokens`` / seconds, median of ``repeats``
     (after one warm-up). ``prompt``: ``[P]`` or ``[1, P]`` token ids."""
+    generate = greedy_generation(model, prompt, new_tokens=2)
+    generate()   # warm-up
+    generate = greedy_generation(model, prompt, new_tokens=new_tokens)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate()
+        rates.append(new_tokens / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def greedy_generation(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int
+                      ) -> Callable[[], Any]:
+    """A closure generating exactly ``new_tokens`` greedy tokens after ``prompt`` (``[P]``
+    or ``[1, P]`` token ids) at batch 1; the model is put in eval mode."""
     model.eval()
     ids = prompt.reshape(1, -1).to(next(model.parameters()).device)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               pad_token_id=0, attention_mask=torch.ones_like(ids))
-    model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.generate(ids, **kw)
-        rates.append(new_tokens / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return lambda: model.generate(ids, **kw)
 
 
 def count_params(model: nn.Module) -> int:
@@ -134,22 +145,20 @@ def split_heldout(data: Any, fraction: float = 0.1) -> tuple[Any, Any]:
 
 
 def compare_models(before: nn.Module, after: nn.Module, seqs: torch.Tensor, *,
-                   new_tokens: int = 32, repeats: int = 1, prompt_len: int = 16,
-                   rounds: int = 15) -> dict:
+                   new_tokens: int = 32, prompt_len: int = 16, rounds: int = 15) -> dict:
     """Perplexity on ``seqs``, greedy tokens/s at batch 1 (CPU) and parameters, before and
-    after. The speeds interleave: ``rounds`` alternations of before and after, each the
-    median of ``repeats`` generations; the reported rate is the median over the rounds
+    after. The speeds interleave (:func:`rmtkd.report.paired_medians`): ``rounds``
+    alternations of one generation of each model after one warm-up, the median per model
     (a shared host's load then falls on both models alike; many short alternations track
     its drift better than a few long ones)."""
     prompt = seqs[0, :prompt_len]
     models = {"before": before, "after": after}
     out = {name: {"params": count_params(m), "perplexity": perplexity(m, seqs)}
            for name, m in models.items()}
-    rates: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, m in models.items():
-            rates[name].append(generation_tokens_per_s(m, prompt, new_tokens=new_tokens,
-                                                       repeats=repeats))
+    gens = {name: greedy_generation(m, prompt, new_tokens=new_tokens)
+            for name, m in models.items()}
+    with torch.no_grad():
+        ms = paired_medians(gens, passes=rounds, warmup=1)
     for name in models:
-        out[name]["tokens_per_s"] = statistics.median(rates[name])
+        out[name]["tokens_per_s"] = new_tokens / (ms[name] / 1e3)
     return out
