@@ -15,7 +15,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no C
 nvidia-smi -L || true
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-# rmtkd.kernels lives in kernels/ and is mapped by the package metadata: install in place.
+# rmtkd/csrc is mapped from csrc/ by the package metadata: install in place.
 python -m pip install -q --no-deps --no-build-isolation -e . >/tmp/rmtkd-install.log 2>&1 \
   || { echo "editable install failed:"; tail -5 /tmp/rmtkd-install.log; exit 2; }
 python -c "import rmtkd, rmtkd.kernels" || exit 2

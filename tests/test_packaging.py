@@ -11,12 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _source_files() -> set[str]:
-    """Package files as they must appear in the wheel (kernels/ -> rmtkd/kernels, csrc/ ->
-    rmtkd/csrc)."""
+    """Package files as they must appear in the wheel (csrc/ -> rmtkd/csrc)."""
     want = {str(p.relative_to(ROOT)) for p in (ROOT / "rmtkd").rglob("*.py")}
-    for top, exts in (("kernels", ("*.py",)), ("csrc", ("*.py", "*.cu", "*.cuh", "*.cpp", "*.h"))):
-        for ext in exts:
-            want |= {f"rmtkd/{p.relative_to(ROOT)}" for p in (ROOT / top).rglob(ext)}
+    for ext in ("*.py", "*.cu", "*.cuh", "*.cpp", "*.h"):
+        want |= {f"rmtkd/{p.relative_to(ROOT)}" for p in (ROOT / "csrc").rglob(ext)}
     return {w for w in want if "__pycache__" not in w}
 
 

@@ -1,4 +1,0 @@
-"""Triton kernels, imported as ``rmtkd.kernels``.
-
-Empty until the Triton backend lands; importing this package never imports Triton.
-"""
