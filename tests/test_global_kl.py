@@ -19,11 +19,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HID, VOCAB, SEQ = 48, 96, 16
 
 
-def llama(layers=2, seed=0):
+def llama(layers=2, seed=0, tie=False):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=HID, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                      max_position_embeddings=64, initializer_range=0.1)
+                      max_position_embeddings=64, initializer_range=0.1,
+                      tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -142,3 +143,42 @@ def test_cli_prints_the_kl_rounds_and_says_when_the_budget_is_not_met(tmp_path, 
     budget = next(x for x in out.splitlines() if x.startswith("budget: held-out"))
     ratio = float(budget.split("(")[2].split("x;")[0])
     assert ratio > 1.01 and "budget: NOT MET" in out
+
+
+@pytest.mark.parametrize("stop, tie", [("after round 1's checkpoint", False),
+                                       ("before round 2's checkpoint", True)])
+def test_kl_rounds_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch, stop, tie):
+    """A job stopped in its KL step resumes after the last checkpointed round (the student,
+    the best weights and the batch sampler restored; a tied head stays tied) and ends with
+    the weights, record and perplexity of the run that was never stopped."""
+    from rmtkd.engine import blockwise
+
+    model, seqs = llama(tie=tie), text()
+    c = cfg(ppl_ratio=1.0001, cut_ppl_ratio=2.0, residual=True, global_kl_steps=3,
+            kl_rounds=3, global_lr=1e-4, seed=5)
+    ref = compress_blockwise(model, seqs, out=tmp_path / "ref", config=c)
+    assert len(ref.global_kl["rounds"]) == 3   # the target is out of reach: every round runs
+    real, calls = blockwise.Blockwise.kl_round_done, []
+
+    def interrupted(self, snap):
+        calls.append(snap["round"])
+        if stop.startswith("before") and snap["round"] == 2:
+            raise KeyboardInterrupt(stop)
+        real(self, snap)
+        if stop.startswith("after") and snap["round"] == 1:
+            raise KeyboardInterrupt(stop)
+
+    monkeypatch.setattr(blockwise.Blockwise, "kl_round_done", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compress_blockwise(model, seqs, out=tmp_path / "o", config=c)
+    # resumed: no block is redone, the KL step goes on from round 2
+    resumed, prepared = [], []
+    monkeypatch.setattr(blockwise.Blockwise, "kl_round_done",
+                        lambda self, snap: (resumed.append(snap["round"]), real(self, snap)))
+    monkeypatch.setattr(blockwise.Blockwise, "prepare",
+                        lambda self, unit: prepared.append(unit.index))
+    res = compress_blockwise(model, seqs, out=tmp_path / "o", config=c, resume=True)
+    assert prepared == [] and resumed == [2, 3]
+    assert res.global_kl == ref.global_kl and res.final_ppl == ref.final_ppl
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "o" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()

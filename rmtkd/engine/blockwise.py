@@ -43,7 +43,9 @@ Llama, Qwen2, Mistral) compressed one decoder block at a time in bounded memory.
    ``out`` in the :func:`rmtkd.load` format.
 
 A job killed at any point (even ``kill -9``) continues with ``resume=True`` and writes the
-same weights as an uninterrupted run: every block is seeded from ``(seed, block)``.
+same weights as an uninterrupted run: every block is seeded from ``(seed, block)``; the KL
+step is checkpointed after each round (the student's weights, the best measured, the batch
+sampler's state) and goes on from the last finished round.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -166,6 +169,8 @@ def load_tokenizer(path: Path) -> Any:
 
 
 PROJECT_GROUPS = {"q": ("k", "v"), "gate": ("up",)}   # Linears that read the same input
+# The global KL step's weights after its last finished round (in the work dir)
+KL_STUDENT, KL_BEST = "kl-student.safetensors", "kl-best.safetensors"
 
 
 class Blockwise(Strategy):
@@ -195,6 +200,8 @@ class Blockwise(Strategy):
         self.rot: torch.Tensor | None = None
         self.config_k = self.config
         self.orig_files: dict = {}
+        #: the global KL step's sampler state after its last checkpointed round
+        self.kl_gen: torch.Tensor | None = None
 
     @property
     def budgeted(self) -> bool:
@@ -242,8 +249,46 @@ class Blockwise(Strategy):
         tensors = {} if self.held_states is None else {"held": self.held_states}
         if self.rot is not None:
             tensors["residual_basis"] = self.rot
-        write_checkpoint(self.work / "ckpt", self.state, tensors, step=next_index,
+        if self.kl_gen is not None:
+            tensors["kl_generator"] = self.kl_gen
+        # after the blocks, each KL checkpoint gets a step of its own (a step number is
+        # never rewritten while LATEST names it)
+        write_checkpoint(self.work / "ckpt", self.state, tensors,
+                         step=next_index + self.state.get("kl_saves", 0),
                          external={f"../{k}": v for k, v in self.state["files"].items()})
+
+    # -------------------------------------------------------------- global KL rounds
+    def kl_saved(self) -> dict | None:
+        """The global KL step as its last finished round left it (None: not started):
+        ``global_kl``'s ``resume`` argument."""
+        saved = self.state.get("kl_progress")
+        if saved is None:
+            return None
+        from safetensors.torch import load_file
+
+        student = load_file(str(self.work / KL_STUDENT))
+        best = student if saved["best_is_student"] else (
+            load_file(str(self.work / KL_BEST)) if saved["has_best"] else None)
+        return {**saved, "student": student, "best": best, "generator": self.kl_gen}
+
+    def kl_round_done(self, snap: dict) -> None:
+        """Checkpoint one finished KL round (``global_kl``'s ``on_round``): the student's
+        weights, the best measured (when they differ), the record and the sampler state."""
+        best_is_student = snap["best"] is snap["student"]
+        write_shard(self.work / KL_STUDENT, snap["student"])
+        self._track(KL_STUDENT)
+        if snap["best"] is not None and not best_is_student:
+            write_shard(self.work / KL_BEST, snap["best"])
+            self._track(KL_BEST)
+        elif best_is_student:
+            self.state["files"].pop(KL_BEST, None)
+        self.kl_gen = snap["generator"]
+        self.state["kl_progress"] = {"round": snap["round"], "rec": snap["rec"],
+                                     "best_ppl": snap["best_ppl"],
+                                     "best_is_student": best_is_student,
+                                     "has_best": snap["best"] is not None}
+        self.state["kl_saves"] = self.state.get("kl_saves", 0) + 1
+        self.checkpoint(self.state["next_block"], False)
 
     def resume(self) -> int:
         b, work = self.b, self.work
@@ -270,6 +315,7 @@ class Blockwise(Strategy):
         if got is not None:
             self.state, tensors = got
             self._set_basis(tensors.get("residual_basis"))
+            self.kl_gen = tensors.get("kl_generator")
         else:
             self.state = {"fingerprint": fp, "next_block": 0, "current": "a", "widths": [],
                           "kl_done": False, "seconds": 0.0, "history": [],
@@ -957,12 +1003,14 @@ def _assemble(s: Blockwise, out: Path) -> BlockwiseResult:
                 shutil.rmtree(kl_dir)
             kl_dir.mkdir()
             rec = global_kl(src, model_dir, kl_dir, shards, cfg_json, s.kl_seqs, s.held,
-                            cfg, state.get("current_ppl"), state.get("original_ppl"))
+                            cfg, state.get("current_ppl"), state.get("original_ppl"),
+                            resume=s.kl_saved(), on_round=s.kl_round_done)
             state.update(kl_done=True, global_kl=rec)
             if rec["kept"] and rec["ppl"] is not None:
                 state["current_ppl"] = rec["ppl"]
             for shard in shards if rec["kept"] else ():
                 s._track(f"model-kl/{shard}")
+            state["kl_saves"] = state.get("kl_saves", 0) + 1
             s.checkpoint(state["next_block"], True)
     shard_dir = kl_dir if state.get("global_kl", {}).get("kept") else model_dir
     final = work / "final"
@@ -1009,7 +1057,8 @@ def _publish(model_dir: Path, out: Path) -> None:
 
 def global_kl(src: WeightSource, shard_dir: Path, out_dir: Path, shards: list[str],
               cfg_json: dict, seqs: torch.Tensor, held: torch.Tensor | None,
-              cfg: CompressConfig, start_ppl: float | None, original_ppl: float | None
+              cfg: CompressConfig, start_ppl: float | None, original_ppl: float | None,
+              *, resume: dict | None = None, on_round: Callable[[dict], None] | None = None
               ) -> dict:
     """Distil the whole compressed model (``shards`` in ``shard_dir``) on the original
     model's log-probabilities over ``seqs``; write its shards to ``out_dir``. Rounds of
@@ -1019,10 +1068,15 @@ def global_kl(src: WeightSource, shard_dir: Path, out_dir: Path, shards: list[st
     best weights measured are written, when they beat ``start_ppl`` (the block pass's
     perplexity). Loads both models whole (not bounded by one block).
 
+    ``on_round(snapshot)`` is called after each finished round with ``{"round": rounds
+    done, "rec", "best_ppl", "student": its weights, "best": the best weights (the same
+    dict when the student is the best; None), "generator": the batch sampler's state}``;
+    passing such a snapshot back as ``resume`` continues from it, giving the weights an
+    uninterrupted run gives (each round starts a fresh optimizer).
+
     Returns the record: tokens, per round its steps and held-out perplexity, the best
     perplexity (``ppl``; None without a budget) and whether the distilled weights are kept.
     """
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     from ..llm.evaluate import perplexity
@@ -1035,14 +1089,26 @@ def global_kl(src: WeightSource, shard_dir: Path, out_dir: Path, shards: list[st
     dev = torch.device(b.device)
     teacher = teacher.to(dev).eval()
     student = build_from_shards(shard_dir, shards, cfg_json).to(dev)
+    keys_of = shard_keys(shard_dir, shards)
+    names = [k for keys in keys_of.values() for k in keys]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)
     steps, bs = b.global_kl_steps, min(b.batch_size, seqs.shape[0])
     target = None if held is None else float(b.ppl_ratio) * float(original_ppl)
     rec: dict = {"tokens": int(seqs.numel()), "steps_per_round": steps, "rounds": [],
                  "ppl_before": start_ppl, "target_ppl": target}
     best, best_ppl = None, math.inf if start_ppl is None else float(start_ppl)
+    first, rounds = 0, b.kl_rounds if held is not None else 1
+    if resume is not None:
+        first, rec, best_ppl = resume["round"], resume["rec"], resume["best_ppl"]
+        _load_weights(student, resume["student"])
+        gen.set_state(resume["generator"])
+        best = None if resume["best"] is None else (
+            weights_of(student, names) if resume["best"] is resume["student"]
+            else resume["best"])
+        if held is None or best_ppl <= target * (1 + 1e-9):
+            first = rounds   # it had ended
     warm = max(1, steps // 10)
-    for r in range(b.kl_rounds if held is not None else 1):
+    for r in range(first, rounds):
         opt = torch.optim.Adam(student.parameters(), lr=b.global_lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: min(1.0, (t + 1) / warm) * max(0.0, 1.0 - t / steps))
@@ -1064,27 +1130,57 @@ def global_kl(src: WeightSource, shard_dir: Path, out_dir: Path, shards: list[st
             loss_sum += loss.item()
             bar.set_postfix(kl=f"{loss.item():.4f}")
         row = {"steps": steps, "mean_kl": loss_sum / steps}
-        if held is None:
-            rec["rounds"].append(row)
-            best = student.state_dict()
-            break
-        with torch.no_grad():
-            ppl = perplexity(student, held, batch_size=b.batch_size)
-        row["ppl"] = ppl
+        improved = held is None
+        if held is not None:
+            with torch.no_grad():
+                row["ppl"] = perplexity(student, held, batch_size=b.batch_size)
+            improved = row["ppl"] < best_ppl
+            best_ppl = min(best_ppl, row["ppl"])
         rec["rounds"].append(row)
-        if ppl < best_ppl:
-            best_ppl = ppl
-            best = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        if best_ppl <= target * (1 + 1e-9):
+        current = weights_of(student, names)
+        if improved:
+            best = current
+        if on_round is not None:
+            on_round({"round": r + 1, "rec": rec, "best_ppl": best_ppl, "student": current,
+                      "best": best, "generator": gen.get_state()})
+        if held is None or best_ppl <= target * (1 + 1e-9):
             break
     rec.update(kept=best is not None, ppl=None if held is None else best_ppl)
     if best is not None:
         dtype = src.dtype()
-        for shard in shards:
-            with safe_open(str(shard_dir / shard), framework="pt", device="cpu") as f:
-                keys = list(f.keys())
+        for shard, keys in keys_of.items():
             write_shard(out_dir / shard, {k: best[k].to(dtype) for k in keys})
     return rec
+
+
+def shard_keys(shard_dir: Path, shards: list[str]) -> dict[str, list[str]]:
+    """The tensor names of each of ``shards``."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in shards:
+        with safe_open(str(shard_dir / shard), framework="pt", device="cpu") as f:
+            out[shard] = list(f.keys())
+    return out
+
+
+def weights_of(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``model``'s tensors ``names`` (the shards' keys: each weight once, a
+    tied head not among them)."""
+    sd = model.state_dict()
+    return {k: sd[k].detach().to("cpu", copy=True) for k in names}
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load :func:`weights_of`'s tensors; a key may be missing only where it is tied to a
+    loaded one."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    sd = model.state_dict()
+    loaded = {sd[k].data_ptr() for k in weights}
+    untied = [k for k in missing if sd[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise RuntimeError(f"KL round weights do not match the model: missing {untied}, "
+                           f"unexpected {unexpected}")
 
 
 def format_blocks(result: BlockwiseResult) -> str:
