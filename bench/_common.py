@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmarks: machine info, a median timer, JSON and tables."""
+"""Small helpers shared by the benchmarks: machine info, interleaved medians, JSON and tables."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -8,7 +8,6 @@ import platform
 import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -65,30 +64,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def time_once(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
-    """Wall-clock seconds of one call of ``fn`` (``sync`` runs before each clock read)."""
-    if sync:
-        sync()
-    t0 = time.perf_counter()
-    fn()
-    if sync:
-        sync()
-    return time.perf_counter() - t0
-
-
 def median_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
                        sync: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Time several functions interleaved (A B A B ...) so load drifts hit them alike.
-
-    Returns ``{name: {"median_s", "min_s", "times_s"}}``.
+    """Time several functions interleaved (:func:`rmtkd.report.interleaved_times`: A B B A
+    ...) so load drifts hit them alike. Returns ``{name: {"median_s", "min_s", "times_s"}}``.
     """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn, sync))
+    from rmtkd.report import interleaved_times
+
+    times = interleaved_times(fns, repeats, warmup, sync)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v}
             for k, v in times.items()}
 

@@ -220,21 +220,34 @@ def write_analysis_report(out_dir: str | os.PathLike, fits: Mapping[str, Spectru
 
 # ------------------------------------------------------------ compression reports
 
-def paired_medians(fns: Mapping[str, Callable[[], Any]], passes: int, warmup: int = 20
-                   ) -> dict[str, float]:
-    """Median wall time in ms of each of ``fns`` over ``passes`` calls, the calls
-    interleaved (one call of each per pass, the order reversed every other pass) after
-    ``warmup`` untimed passes: a load drift on a shared machine reaches every function
-    alike, so their ratio is measured at the same moments."""
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], passes: int, warmup: int = 20,
+                      sync: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of each call of ``fns`` over ``passes`` passes, the calls interleaved
+    (one call of each per pass, the order reversed every other pass) after ``warmup``
+    untimed passes; ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock
+    read. A load drift on a shared machine reaches every function alike, so their ratio is
+    measured at the same moments."""
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     for i in range(warmup + passes):
         for k in (names if i % 2 == 0 else names[::-1]):
+            if sync is not None:
+                sync()
             t0 = time.perf_counter()
             fns[k]()
+            if sync is not None:
+                sync()
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+    return times
+
+
+def paired_medians(fns: Mapping[str, Callable[[], Any]], passes: int, warmup: int = 20
+                   ) -> dict[str, float]:
+    """Median wall time in ms of each of ``fns`` over ``passes`` interleaved calls
+    (:func:`interleaved_times`)."""
+    return {k: 1e3 * sorted(v)[len(v) // 2]
+            for k, v in interleaved_times(fns, passes, warmup).items()}
 
 
 @contextlib.contextmanager

@@ -37,3 +37,16 @@ def test_latency_pair_restores_training_flags_and_reports_rounds():
     assert a.training and not b.training
     assert len(rounds["before"]) == len(rounds["after"]) == 2
     assert before == min(rounds["before"]) and after == min(rounds["after"])
+
+
+def test_interleaved_times_syncs_around_every_timed_call(monkeypatch):
+    from rmtkd.report import interleaved_times
+
+    clock = iter(range(10_000))
+    monkeypatch.setattr("rmtkd.report.time.perf_counter", lambda: next(clock))
+    events = []
+    times = interleaved_times({"a": lambda: events.append("a"), "b": lambda: events.append("b")},
+                              passes=2, warmup=0, sync=lambda: events.append("sync"))
+    assert events == ["sync", "a", "sync", "sync", "b", "sync",
+                      "sync", "b", "sync", "sync", "a", "sync"]
+    assert times == {"a": [1, 1], "b": [1, 1]}   # seconds: one tick per call
