@@ -146,11 +146,13 @@ def test_cli_prints_the_kl_rounds_and_says_when_the_budget_is_not_met(tmp_path, 
 
 
 @pytest.mark.parametrize("stop, tie", [("after round 1's checkpoint", False),
-                                       ("before round 2's checkpoint", True)])
+                                       ("before round 2's files", True),
+                                       ("round 2's files written, not checkpointed", False)])
 def test_kl_rounds_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch, stop, tie):
     """A job stopped in its KL step resumes after the last checkpointed round (the student,
     the best weights and the batch sampler restored; a tied head stays tied) and ends with
-    the weights, record and perplexity of the run that was never stopped."""
+    the weights, record and perplexity of the run that was never stopped, wherever the
+    stop fell around a round's files and checkpoint."""
     from rmtkd.engine import blockwise
 
     model, seqs = llama(tie=tie), text()
@@ -158,19 +160,25 @@ def test_kl_rounds_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch, st
             kl_rounds=3, global_lr=1e-4, seed=5)
     ref = compress_blockwise(model, seqs, out=tmp_path / "ref", config=c)
     assert len(ref.global_kl["rounds"]) == 3   # the target is out of reach: every round runs
-    real, calls = blockwise.Blockwise.kl_round_done, []
+    real, real_write = blockwise.Blockwise.kl_round_done, blockwise.write_checkpoint
 
     def interrupted(self, snap):
-        calls.append(snap["round"])
         if stop.startswith("before") and snap["round"] == 2:
             raise KeyboardInterrupt(stop)
         real(self, snap)
         if stop.startswith("after") and snap["round"] == 1:
             raise KeyboardInterrupt(stop)
 
+    def write(ckpt, state, *a, **k):
+        if stop.startswith("round 2") and state.get("kl_progress", {}).get("round") == 2:
+            raise KeyboardInterrupt(stop)   # the round's weight files are on disk already
+        return real_write(ckpt, state, *a, **k)
+
     monkeypatch.setattr(blockwise.Blockwise, "kl_round_done", interrupted)
+    monkeypatch.setattr(blockwise, "write_checkpoint", write)
     with pytest.raises(KeyboardInterrupt):
         compress_blockwise(model, seqs, out=tmp_path / "o", config=c)
+    monkeypatch.setattr(blockwise, "write_checkpoint", real_write)
     # resumed: no block is redone, the KL step goes on from round 2
     resumed, prepared = [], []
     monkeypatch.setattr(blockwise.Blockwise, "kl_round_done",

@@ -169,8 +169,6 @@ def load_tokenizer(path: Path) -> Any:
 
 
 PROJECT_GROUPS = {"q": ("k", "v"), "gate": ("up",)}   # Linears that read the same input
-# The global KL step's weights after its last finished round (in the work dir)
-KL_STUDENT, KL_BEST = "kl-student.safetensors", "kl-best.safetensors"
 
 
 class Blockwise(Strategy):
@@ -266,29 +264,36 @@ class Blockwise(Strategy):
             return None
         from safetensors.torch import load_file
 
-        student = load_file(str(self.work / KL_STUDENT))
-        best = student if saved["best_is_student"] else (
-            load_file(str(self.work / KL_BEST)) if saved["has_best"] else None)
+        student = load_file(str(self.work / saved["student"]))
+        best = student if saved["best"] == saved["student"] else (
+            None if saved["best"] is None else load_file(str(self.work / saved["best"])))
         return {**saved, "student": student, "best": best, "generator": self.kl_gen}
 
     def kl_round_done(self, snap: dict) -> None:
         """Checkpoint one finished KL round (``global_kl``'s ``on_round``): the student's
-        weights, the best measured (when they differ), the record and the sampler state."""
-        best_is_student = snap["best"] is snap["student"]
-        write_shard(self.work / KL_STUDENT, snap["student"])
-        self._track(KL_STUDENT)
-        if snap["best"] is not None and not best_is_student:
-            write_shard(self.work / KL_BEST, snap["best"])
-            self._track(KL_BEST)
-        elif best_is_student:
-            self.state["files"].pop(KL_BEST, None)
+        weights, the best measured (when they differ), the record and the sampler state.
+        Each round's files have names of their own: the last checkpoint's stay intact
+        until the new checkpoint no longer needs them."""
+        r, old = snap["round"], self.state.get("kl_progress") or {}
+        files = {"student": f"kl-student-{r}.safetensors", "best": None}
+        write_shard(self.work / files["student"], snap["student"])
+        self._track(files["student"])
+        if snap["best"] is snap["student"]:
+            files["best"] = files["student"]
+        elif snap["best"] is not None:
+            files["best"] = f"kl-best-{r}.safetensors"
+            write_shard(self.work / files["best"], snap["best"])
+            self._track(files["best"])
+        stale = {old.get("student"), old.get("best")} - set(files.values()) - {None}
+        for rel in stale:
+            self.state["files"].pop(rel, None)
         self.kl_gen = snap["generator"]
-        self.state["kl_progress"] = {"round": snap["round"], "rec": snap["rec"],
-                                     "best_ppl": snap["best_ppl"],
-                                     "best_is_student": best_is_student,
-                                     "has_best": snap["best"] is not None}
+        self.state["kl_progress"] = {"round": r, "rec": snap["rec"],
+                                     "best_ppl": snap["best_ppl"], **files}
         self.state["kl_saves"] = self.state.get("kl_saves", 0) + 1
         self.checkpoint(self.state["next_block"], False)
+        for rel in stale:
+            (self.work / rel).unlink(missing_ok=True)
 
     def resume(self) -> int:
         b, work = self.b, self.work
