@@ -174,13 +174,21 @@ def verify_manifest(directory: Any, *, checkpoint_dir: Any = None) -> dict[str, 
 def write_checkpoint(checkpoint_dir: Any, state: dict, tensors: dict[str, torch.Tensor],
                      *, step: int, external: dict[str, dict] | None = None) -> Path:
     """Write one checkpoint atomically: ``state`` (JSON-able) and ``tensors`` (with the RNG
-    states added) as ``step-<step>``; ``external``: manifest entries of files outside it
+    states added) as ``step-<step>`` (``step-<step>.<n>`` when that name is the live
+    checkpoint's); ``external``: manifest entries of files outside it
     (paths relative to ``checkpoint_dir``, see :func:`file_entry`). Returns its directory."""
     from safetensors.torch import save_file
 
     root = Path(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:04d}"
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    n = 0
+    while name == latest or (n and (root / name).exists()):
+        # the live checkpoint is never replaced in place: a second one at the same step
+        # (e.g. after the last step) gets a name of its own
+        n += 1
+        name = f"step-{step:04d}.{n}"
     rng_meta, rng = rng_states()
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:

@@ -379,6 +379,29 @@ def test_intact_checkpoint_loads(checkpoint, monkeypatch):
         "rng/torch", "rng/numpy", "rng/python"}
 
 
+def test_a_second_checkpoint_at_the_live_step_gets_its_own_name(checkpoint, monkeypatch):
+    """The checkpoint LATEST names is never deleted to make room for one at the same step
+    (a kill in between would leave no checkpoint): the new one takes another name, and
+    the old one goes only once LATEST names the new one."""
+    import rmtkd.checkpoint as CK
+
+    root, _ = checkpoint
+    real_rmtree, real_write = CK.shutil.rmtree, CK.write_atomic
+    events = []
+    monkeypatch.setattr(CK.shutil, "rmtree", lambda p, *a, **k: (
+        events.append(("rm", Path(p).name)), real_rmtree(p, *a, **k)))
+    monkeypatch.setattr(CK, "write_atomic", lambda p, data: (
+        events.append(("latest", data.decode())) if Path(p).name == LATEST else None,
+        real_write(p, data)))
+    for n, (old, new) in enumerate([("step-0002", "step-0002.1"),
+                                     ("step-0002.1", "step-0002")]):
+        events.clear()
+        write_checkpoint(root, {"note": f"again {n}"}, {}, step=2)
+        assert events == [("latest", new), ("rm", old)]
+        assert load_checkpoint(root)[0]["note"] == f"again {n}"
+        assert sorted(p.name for p in root.iterdir()) == [LATEST, new]
+
+
 def test_rng_states_are_restored(checkpoint):
     """load_checkpoint restores the torch / NumPy / Python RNG states of the write."""
     import numpy as np

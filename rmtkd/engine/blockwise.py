@@ -249,10 +249,7 @@ class Blockwise(Strategy):
             tensors["residual_basis"] = self.rot
         if self.kl_gen is not None:
             tensors["kl_generator"] = self.kl_gen
-        # after the blocks, each KL checkpoint gets a step of its own (a step number is
-        # never rewritten while LATEST names it)
-        write_checkpoint(self.work / "ckpt", self.state, tensors,
-                         step=next_index + self.state.get("kl_saves", 0),
+        write_checkpoint(self.work / "ckpt", self.state, tensors, step=next_index,
                          external={f"../{k}": v for k, v in self.state["files"].items()})
 
     # -------------------------------------------------------------- global KL rounds
@@ -290,7 +287,6 @@ class Blockwise(Strategy):
         self.kl_gen = snap["generator"]
         self.state["kl_progress"] = {"round": r, "rec": snap["rec"],
                                      "best_ppl": snap["best_ppl"], **files}
-        self.state["kl_saves"] = self.state.get("kl_saves", 0) + 1
         self.checkpoint(self.state["next_block"], False)
         for rel in stale:
             (self.work / rel).unlink(missing_ok=True)
@@ -1015,7 +1011,6 @@ def _assemble(s: Blockwise, out: Path) -> BlockwiseResult:
                 state["current_ppl"] = rec["ppl"]
             for shard in shards if rec["kept"] else ():
                 s._track(f"model-kl/{shard}")
-            state["kl_saves"] = state.get("kl_saves", 0) + 1
             s.checkpoint(state["next_block"], True)
     shard_dir = kl_dir if state.get("global_kl", {}).get("kept") else model_dir
     final = work / "final"
@@ -1107,9 +1102,7 @@ def global_kl(src: WeightSource, shard_dir: Path, out_dir: Path, shards: list[st
         first, rec, best_ppl = resume["round"], resume["rec"], resume["best_ppl"]
         _load_weights(student, resume["student"])
         gen.set_state(resume["generator"])
-        best = None if resume["best"] is None else (
-            weights_of(student, names) if resume["best"] is resume["student"]
-            else resume["best"])
+        best = resume["best"]   # (loading copied the student's dict: it stays as saved)
         if held is None or best_ppl <= target * (1 + 1e-9):
             first = rounds   # it had ended
     warm = max(1, steps // 10)
