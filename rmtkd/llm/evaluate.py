@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..report import paired_medians
+from ..report import interleaved_times, paired_medians
 
 
 def token_sequences(data: Any, seq_len: int, *, max_tokens: int | None = None,
@@ -79,15 +78,10 @@ def generation_tokens_per_s(model: nn.Module, prompt: torch.Tensor, *, new_token
                             repeats: int = 3) -> float:
     """Greedy generation speed at batch 1: ``new_tokens`` / seconds, median of ``repeats``
     (after one warm-up). ``prompt``: ``[P]`` or ``[1, P]`` token ids."""
-    generate = greedy_generation(model, prompt, new_tokens=2)
-    generate()   # warm-up
-    generate = greedy_generation(model, prompt, new_tokens=new_tokens)
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate()
-        rates.append(new_tokens / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    greedy_generation(model, prompt, new_tokens=2)()   # warm-up
+    gen = {"gen": greedy_generation(model, prompt, new_tokens=new_tokens)}
+    return statistics.median(new_tokens / t for t in
+                             interleaved_times(gen, repeats, warmup=0)["gen"])
 
 
 def greedy_generation(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int
