@@ -5,12 +5,13 @@ test.csv`` with the task defaults), optionally with ``--onnx``. Records paramete
 and in the transformer blocks), test accuracy, CPU latency, wall time of the whole command
 and of the compression, per-site k.
 
-    python bench/bench_rotten_tomatoes.py [--onnx] [--config job.toml] [--tag NAME]
+    python bench/bench_rotten_tomatoes.py [--onnx] [--config job.toml] [--tag NAME] [--keep DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--onnx", action="store_true")
     ap.add_argument("--config", type=Path, help="a job file with [compress] overrides")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--keep", type=Path, help="copy the compressed model directory here")
     a = ap.parse_args()
 
     from rmtkd.cli import main as rmtkd_main
@@ -39,6 +41,8 @@ def main() -> None:
         rmtkd_main(argv)
         wall = time.perf_counter() - t0
         report = json.loads((out / "report.json").read_text())
+        if a.keep:
+            shutil.copytree(out, a.keep, dirs_exist_ok=True)
     s = report["summary"]
     summary = {k: s[k] for k in ("original_params", "final_params", "reduction",
                                  "block_params_before", "block_params_after",

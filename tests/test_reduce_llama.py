@@ -20,6 +20,7 @@ from rmtkd.saving import UnsupportedModelError  # noqa: E402
 from rmtkd.nn import ProjectedLinear  # noqa: E402
 from rmtkd.adapters import block_modules as llama_layers  # noqa: E402
 from rmtkd.engine.step import head_ks  # noqa: E402
+from rmtkd.hf import modeling_rmtkd  # noqa: E402
 from rmtkd.reduce import (HeadPaddedLinear, HeadSelectLinear,  # noqa: E402
                           UnsupportedModuleError, apply_widths,
                           block_sites, project_block_linear,
@@ -146,14 +147,14 @@ def test_attention_re_reduction_and_sites():
     st = stats(model)
     _, layer = llama_layers(model)[0]
     mean, cov = st[("v", 0)]
-    cut_values(layer, mean, cov, [8, 8])
+    cut_values(layer, mean, cov, [8, 6])     # unequal widths: padded value heads
     sites = block_sites(layer)
     assert [s.name for s in sites] == ["self_attn.v_proj:output", "mlp.down_proj:input"]
     assert sites[0].dim == KV * HD and sites[1].dim == FF
-    # reduce again from the padded site's statistics: heads keep at most their 8 dims
+    # reduce again from the padded site's statistics: heads keep at most their 8 / 6 dims
     st2 = stats(model)
     with pytest.raises(ValueError, match="dims each kv head keeps"):
-        cut_values(layer, st2[("v", 0)][0], st2[("v", 0)][1], [9, 8])
+        cut_values(layer, st2[("v", 0)][0], st2[("v", 0)][1], [9, 6])
     reference = copy.deepcopy(model)
     m2, c2 = st2[("v", 0)]
     P = torch.block_diag(*[b @ b.T for b in head_bases(c2, [4, 2])])
@@ -492,3 +493,120 @@ def test_removed_kv_head_round_trips(tmp_path):
         g1 = model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
         g2 = remote.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(g1, g2)
+
+
+# ----------------------------------------------------------------------------- compact values
+
+FAMILIES = {"llama": {},
+            "qwen2": {"cfg_cls": Qwen2Config, "model_cls": Qwen2ForCausalLM},
+            "mistral": {"cfg_cls": MistralConfig, "model_cls": MistralForCausalLM,
+                        "sliding_window": 4}}
+
+
+def cut_every_layer(model, st, ks):
+    for i, (_, layer) in enumerate(llama_layers(model)):
+        mean, cov = st[("v", i)]
+        cut_values(layer, mean, cov, ks)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_compact_values_compute_the_padded_function(family, monkeypatch):
+    """Equal kept widths: v/o compute only the kept dims and the attention reads value
+    heads of that width (no padding); the logits and the cached generation equal those of
+    the padded modules (forced by pretending the attention cannot read them) and of the
+    float64 reference projection."""
+    kw = FAMILIES[family]
+    model = llama(**kw)
+    st = stats(model)
+    reference = copy.deepcopy(model)
+    for i, (_, rlayer) in enumerate(llama_layers(reference)):
+        mean, cov = st[("v", i)]
+        P = torch.block_diag(*[b @ b.T for b in head_bases(cov, [6, 6])])
+        rlayer.self_attn.v_proj.register_forward_hook(
+            lambda mod, a, o, P=P, m=mean: m + (o - m) @ P)
+    cut_every_layer(model, st, [6, 6])
+    with monkeypatch.context() as m:
+        m.setattr(modeling_rmtkd, "COMPACT_VALUES", False)
+        padded = cut_every_layer(llama(**kw), st, [6, 6])
+    for (_, layer), (_, player) in zip(llama_layers(model), llama_layers(padded)):
+        v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
+        assert v.compact and o.compact and not player.self_attn.v_proj.compact
+        assert v.out_features == KV * 6 and o.in_features == HEADS * 6
+        assert type(layer.self_attn).__name__.endswith("CompactValues")
+        assert type(player.self_attn) is not type(layer.self_attn)
+    x = ids(2, 9)
+    got = hidden(model, x)
+    assert max_diff(got, hidden(padded, x)) < 1e-10
+    assert max_diff(got, hidden(reference, x)) < 1e-10
+    assert max_diff(got, hidden(llama(**kw), x)) > 1e-4      # the cut changed the model
+    with torch.no_grad():
+        g = [mm.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+             for mm in (model, padded)]
+    assert torch.equal(g[0], g[1])
+
+
+def test_compact_values_round_trip_and_fall_back(tmp_path, monkeypatch):
+    """A model with compact value heads saves and loads compact (rmtkd and transformers'
+    trust_remote_code); on a transformers release older than the compact forward follows,
+    the same files load padded and compute the same logits."""
+    model = llama(dtype=torch.float32)
+    cut_every_layer(model, stats(model), [5, 5])
+    rmtkd.save(model, tmp_path / "m")
+    x = ids(2, 7)
+    loaded = rmtkd.load(tmp_path / "m")
+    remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m",
+                                                               trust_remote_code=True)
+    assert all(layer.self_attn.v_proj.compact for _, layer in llama_layers(loaded))
+    assert all(layer.self_attn.v_proj.compact for _, layer in llama_layers(remote))
+    monkeypatch.setattr(modeling_rmtkd, "_transformers_version", lambda: (5, 24))
+    old = rmtkd.load(tmp_path / "m")
+    assert not any(layer.self_attn.v_proj.compact for _, layer in llama_layers(old))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        assert torch.equal(loaded(input_ids=x).logits, want)
+        assert torch.allclose(remote(input_ids=x).logits, want, atol=1e-5)
+        assert torch.allclose(old(input_ids=x).logits, want, atol=1e-5)
+
+
+def test_compact_values_cut_again_from_their_own_statistics():
+    """The value site of compact heads has only the kept dims; a second cut from its
+    statistics equals the float64 reference projection of those statistics."""
+    model = llama()
+    layer = llama_layers(model)[0][1]
+    mean, cov = stats(model)[("v", 0)]
+    cut_values(layer, mean, cov, [8, 8])
+    m2, c2 = stats(model)[("v", 0)]
+    assert c2.shape == (KV * 8, KV * 8)
+    reference = copy.deepcopy(model)
+    P = torch.block_diag(*[b @ b.T for b in head_bases_of(c2, 8, [3, 3])])
+    llama_layers(reference)[0][1].self_attn.v_proj.register_forward_hook(
+        lambda mod, a, o: m2 + (o - m2) @ P)
+    cut_values(layer, m2, c2, [3, 3])
+    assert layer.self_attn.v_proj.compact and layer.self_attn.v_proj.head_dims == [3, 3]
+    assert max_diff(hidden(model), hidden(reference)) < 1e-10
+
+
+def head_bases_of(cov, width, ks):
+    """:func:`head_bases` for heads ``width`` wide."""
+    out = []
+    for g, k in enumerate(ks):
+        e, v = torch.linalg.eigh(cov[g * width:(g + 1) * width, g * width:(g + 1) * width])
+        out.append(v[:, e.argsort(descending=True)[:k]])
+    return out
+
+
+def test_rank_rule_keeps_one_value_width_per_block():
+    """Where the attention reads compact value heads, the rule's k per head becomes one
+    width (the largest); a head without dims stays removed."""
+    from rmtkd.engine.step import one_width
+    from rmtkd.reduce.transformer import block_of, reads_compact_values
+
+    assert one_width([3, 7, 0, 5]) == [7, 7, 0, 7]
+    assert one_width([0, 0]) == [0, 0]
+    cov = torch.block_diag(torch.diag(torch.tensor([50., 40.] + [1.] * (HD - 2))),
+                           torch.diag(torch.tensor([50.] + [1.] * (HD - 1)))).double()
+    assert head_ks(cov, KV, 4000, rmtkd.CompressConfig()) == [2, 1]
+    assert head_ks(cov, KV, 4000, rmtkd.CompressConfig(), one=True) == [2, 2]
+    layer = llama_layers(llama())[0][1]
+    assert reads_compact_values(layer, block_of(layer)[1])

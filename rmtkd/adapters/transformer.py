@@ -95,8 +95,10 @@ class TransformerAdapter:
         L = self.layout
         hd = int(get(block, L.head_dim_attr))
         o, k, v = get(block, L.o), get(block, L.k), get(block, L.v)
-        n_q, n_kv, n_v = (_features(o, "in_features"), _features(k, "out_features"),
-                          _features(v, "out_features"))
+        # per-head value modules count their padded layout (compact ones compute less)
+        n_q, n_kv, n_v = (_features(o, "padded_features") or _features(o, "in_features"),
+                          _features(k, "out_features"),
+                          _features(v, "padded_features") or _features(v, "out_features"))
         ok = (n_q is not None and n_kv is not None and hd > 0 and n_q % hd == 0
               and n_kv % hd == 0 and n_kv > 0 and n_v == n_kv
               and (n_q // hd) % (n_kv // hd) == 0)

@@ -82,7 +82,7 @@ from ..reduce.maths import n_params
 from ..reduce.residual import (basis_of, quantum, residual_record, rotate_embedding,
                                rotate_head, rotate_layer_state, round_k, second_moment,
                                sliced_config)
-from ..reduce.transformer import block_of, block_widths, dim_site
+from ..reduce.transformer import block_of, block_widths, dim_site, reads_compact_values
 from .config import CompressConfig
 from .loop import Strategy, Unit, run
 from .step import Cut, StepRecord, attempt_k, kept_energy, reduction
@@ -582,17 +582,18 @@ class Blockwise(Strategy):
             sites = [dim_site(d, self.orig) for d in dims]
             kv = {dim_site(d, self.orig).name: d.block.attention.kv_heads for d in dims
                   if d.kind == "value_width"}
+            one = set(kv) if reads_compact_values(self.orig, spec) else set()
         else:
             a, m = spec.attention, spec.mlp
             readers = [a.q, a.o, m.producers[0], m.consumer]
             sites = [_linear_site(self.orig, n) for n in readers]
-            kv = {}
+            kv, one = {}, set()
         if self.cfg.sites:
             from fnmatch import fnmatchcase
 
             sites = [s for s in sites if any(fnmatchcase(s.module_name, p)
                                              for p in self.cfg.sites)]
-        unit.sites, unit.kv_heads = sites, kv
+        unit.sites, unit.kv_heads, unit.one_width = sites, kv, one
         self.spec = spec
         cur = self.state["current"]
         # with the residual stream cut the targets come from the original stream instead

@@ -27,13 +27,15 @@ from .step import Cut, StepRecord, plan_cut, record, seed_step
 @dataclass
 class Unit:
     """One step's scope: ``index`` (the step number), a printable ``name`` and its sites
-    (``kv_heads[site name]`` for value sites, fitted per key-value head)."""
+    (``kv_heads[site name]`` for value sites, fitted per key-value head; the value sites
+    in ``one_width`` keep one width for every kept head)."""
 
     index: int
     name: str
     sites: list[Site]
     kv_heads: dict[str, int] = field(default_factory=dict)
     block: int | None = None
+    one_width: set[str] = field(default_factory=set)
 
 
 class Strategy:
@@ -125,7 +127,8 @@ def run(s: Strategy) -> None:
         # fits with the full eigendecomposition rather than trying the randomized one first.
         fit_cfg = replace(cfg, solver="full") if cfg.solver == "auto" else cfg
         cuts = [plan_cut(site, stats[site.name][0], stats[site.name][1], fit_cfg,
-                         kv_heads=unit.kv_heads.get(site.name), keep_all=s.keep_all)
+                         kv_heads=unit.kv_heads.get(site.name),
+                         one=site.name in unit.one_width, keep_all=s.keep_all)
                 for site in unit.sites]
         recs = [record(c, cfg.mode, params, metric, cfg.rank_rule, unit.block) for c in cuts]
         s.history.extend(recs)

@@ -106,6 +106,8 @@ class Cut:
     head_ks: list[int] | None
     stats: Any
     basis: torch.Tensor | None = None
+    #: a value site whose kept heads share one width (:func:`one_width`)
+    one_width: bool = False
 
     @property
     def d(self) -> int:
@@ -119,9 +121,19 @@ class Cut:
         return self._eigh
 
 
-def head_ks(cov: torch.Tensor, kv_heads: int, n: int, cfg: Any) -> list[int]:
+def one_width(ks: list[int]) -> list[int]:
+    """One value width for a block: every head that keeps a dim keeps the largest k_g;
+    k_g = 0 stays 0. For a block whose attention reads such heads unpadded
+    (:func:`rmtkd.reduce.transformer.reads_compact_values`)."""
+    top = max(ks, default=0)
+    return [top if k > 0 else 0 for k in ks]
+
+
+def head_ks(cov: torch.Tensor, kv_heads: int, n: int, cfg: Any, *, one: bool = False
+            ) -> list[int]:
     """k per key-value head: the rank rule on each head's diagonal block of the site
-    covariance (k_g = 0 drops the head's values)."""
+    covariance (k_g = 0 drops the head's values); ``one``: made one width
+    (:func:`one_width`)."""
     d = cov.shape[0]
     hd = d // kv_heads
     ks = []
@@ -133,22 +145,23 @@ def head_ks(cov: torch.Tensor, kv_heads: int, n: int, cfg: Any) -> list[int]:
         if parse_rule(cfg.rank_rule)[0] != "mp":
             k = choose_k(cfg.rank_rule, fit, hd, eigenvalues=top_eigenvectors(block)[0])
         ks.append(int(k))
-    return ks
+    return one_width(ks) if one else ks
 
 
 def plan_cut(site: Site, stats: Any, n: int, cfg: Any, *, kv_heads: int | None = None,
-             keep_all: bool = False) -> Cut:
+             one: bool = False, keep_all: bool = False) -> Cut:
     """Fit the site's spectrum (:func:`rmtkd.spikes`) and choose k by ``cfg.rank_rule``
-    (per key-value head when ``kv_heads`` is given); ``keep_all``: k = d, no fit."""
+    (per key-value head when ``kv_heads`` is given, ``one``: one width for the kept
+    heads); ``keep_all``: k = d, no fit."""
     d = site.dim
     if keep_all:
         ks = [d // kv_heads] * kv_heads if kv_heads else None
-        return Cut(site, None, d, d, ks, stats)
+        return Cut(site, None, d, d, ks, stats, one_width=one)
     fit = spikes(stats.cov, n, estimator=cfg.estimator, margin=cfg.margin, solver=cfg.solver,
                  seed=cfg.seed)
     if kv_heads:
-        ks = head_ks(stats.cov, kv_heads, n, cfg)
-        return Cut(site, fit, sum(ks), fit.k, ks, stats)
+        ks = head_ks(stats.cov, kv_heads, n, cfg, one=one)
+        return Cut(site, fit, sum(ks), fit.k, ks, stats, one_width=one)
     if parse_rule(cfg.rank_rule)[0] != "mp":
         vals, vecs = top_eigenvectors(stats.cov)
         k = choose_k(cfg.rank_rule, fit, d, eigenvalues=vals)
@@ -176,8 +189,7 @@ def reduction(cut: Cut, cfg: Any, share: float = 1.0) -> Reduction | None:
     site, st = cut.site, cut.stats
     mean = torch.as_tensor(st.mean)
     if cut.head_ks is not None:
-        hd = cut.d // len(cut.head_ks)
-        ks = [backed_off(k, hd, share) for k in cut.head_ks]
+        ks = attempt_k(cut, share)[1]
         if sum(ks) < 1:
             return None
         return head_reduction(site.name, site.module_name, st.cov, len(ks), ks, mean=mean)
@@ -224,6 +236,7 @@ def attempt_k(cut: Cut, share: float) -> tuple[int, list[int] | None]:
     if cut.head_ks is not None:
         hd = cut.d // len(cut.head_ks)
         ks = [backed_off(k, hd, share) for k in cut.head_ks]
+        ks = one_width(ks) if cut.one_width else ks
         return sum(ks), ks
     # past the edge a site keeps at least one direction; k = 0 (no spike) stays 0
     return backed_off(cut.k, cut.d, share, least=1 if share > 1.0 else 0), None

@@ -44,7 +44,7 @@ from ..distill.trainer import NonFiniteLossError, TeacherCache
 from ..distributed import collect_sharded_statistics, distributed_distill
 from ..reduce import Reduction, UnsupportedModuleError, reduce_site
 from ..reduce.maths import n_params
-from ..reduce.transformer import dim_site
+from ..reduce.transformer import dim_site, reads_compact_values
 from ..spectral import SpectrumFit
 from .config import CompressConfig
 from .data import Batches, calibration_subset, evaluate
@@ -230,9 +230,12 @@ class WholeModel(Strategy):
             units = []
             for i, d in enumerate(dims):
                 site = dim_site(d, model)
-                kv = {site.name: d.block.attention.kv_heads} if (
-                    d.kind == "value_width" and cfg.mode == "width") else {}
-                units.append(Unit(i, site.name, [site], kv))
+                values = d.kind == "value_width" and cfg.mode == "width"
+                kv = {site.name: d.block.attention.kv_heads} if values else {}
+                one = {site.name} if values and reads_compact_values(
+                    model.get_submodule(d.block.name) if d.block.name else model,
+                    d.block) else set()
+                units.append(Unit(i, site.name, [site], kv, one_width=one))
         else:
             sites = find_sites(model, self.calib[0], include=cfg.sites)
             units = [Unit(i, s.name, [s]) for i, s in enumerate(sites)]

@@ -19,7 +19,11 @@ Contents:
 - :class:`HeadPaddedLinear`, :class:`HeadSelectLinear`: per-head value widths (a value
   projection computing only the kept dims, zero-padded per head; an output projection that
   drops the padding first). Their ``index`` buffer is not persistent: it is rebuilt from
-  ``head_dims`` (:func:`refresh_buffers`).
+  ``head_dims`` (:func:`refresh_buffers`). Where every kept head has the same width and the
+  block's attention is a Llama-family one (:func:`supports_compact_values`), they are
+  ``compact`` (no padding, no selection) and :func:`compact_attention` lets the attention
+  read value heads of that width: the KV cache and the attention shrink too. The state dict
+  is the same either way, so the same files load padded elsewhere.
 - :class:`ProjectedLinear`: ``y = (x @ V) @ W.T + bias`` (parameters ``V``, ``W``, ``bias``).
 - :class:`FactorizedEmbedding`: a token embedding of rank k, ``proj(embed(ids))``, recorded
   as ``config.rmtkd_embedding = {"rank": k}`` with its path in ``rmtkd_layout["embedding"]``.
@@ -62,6 +66,7 @@ LAYOUT_VERSION = 1
 CLASS_PREFIX = "Rmtkd"
 
 __all__ = ["HeadPaddedLinear", "HeadSelectLinear", "ProjectedLinear", "kept_index",
+           "compact_attention", "supports_compact_values", "uniform_dims",
            "reshape", "reshape_block", "refresh_buffers", "rmtkd_model_class",
            "module_has_bias", "set_attr", "BLOCKS_KEY", "LAYOUT_KEY", "EMBEDDING_KEY",
            "FactorizedEmbedding", "MixedRMSNorm", "RESIDUAL_KEY", "reshape_stream"]
@@ -69,12 +74,22 @@ __all__ = ["HeadPaddedLinear", "HeadSelectLinear", "ProjectedLinear", "kept_inde
 
 # ----------------------------------------------------------------------------- modules
 
-def _head_dims(head_dims: Sequence[int], head_size: int) -> tuple[list[int], int]:
-    """Validated per-head kept dimensions (each in [0, head_size]) and the head size."""
+def _head_dims(head_dims: Sequence[int], head_size: int, compact: bool = False
+               ) -> tuple[list[int], int]:
+    """Validated per-head kept dimensions (each in [0, head_size]; ``compact``: all equal
+    and positive) and the head size."""
     dims, size = [int(k) for k in head_dims], int(head_size)
     if any(not 0 <= k <= size for k in dims):
         raise ValueError(f"head_dims must be in [0, {size}]; got {dims}")
+    if compact and not uniform_dims(dims):
+        raise ValueError(f"compact value heads need one positive width for every head; got "
+                         f"{dims}")
     return dims, size
+
+
+def uniform_dims(dims: Sequence[int]) -> bool:
+    """Every head keeps the same positive number of value dims."""
+    return len(dims) > 0 and min(dims) == max(dims) > 0
 
 
 def kept_index(head_dims: Sequence[int], head_size: int, device=None) -> torch.Tensor:
@@ -89,7 +104,13 @@ class _HeadIndexed(nn.Module):
 
     head_dims: list[int]
     head_size: int
+    compact: bool
     linear: nn.Linear
+
+    @property
+    def padded_features(self) -> int:
+        """Width of the padded layout (every head ``head_size`` wide)."""
+        return len(self.head_dims) * self.head_size
 
     def refresh_index(self) -> None:
         """Recompute ``index`` from ``head_dims`` on the weight's device (a loader that
@@ -100,14 +121,18 @@ class _HeadIndexed(nn.Module):
 class HeadPaddedLinear(_HeadIndexed):
     """``nn.Linear(in_features -> sum(head_dims))`` whose outputs are zero-padded per head to
     ``head_size`` (out: ``len(head_dims) * head_size``): head h's kept values sit in the
-    first ``head_dims[h]`` entries of its block."""
+    first ``head_dims[h]`` entries of its block. ``compact``: no padding (out:
+    ``sum(head_dims)``), for an attention that reads value heads of their own width
+    (:func:`compact_attention`; the head dims must then be equal)."""
 
     def __init__(self, in_features: int, head_dims: Sequence[int], head_size: int,
-                 bias: bool = True, *, device=None, dtype=None) -> None:
+                 bias: bool = True, *, compact: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
+        self.head_dims, self.head_size = _head_dims(head_dims, head_size, compact)
+        self.compact = bool(compact)
         self.in_features = int(in_features)
-        self.out_features = len(self.head_dims) * self.head_size
+        self.out_features = sum(self.head_dims) if compact else \
+            len(self.head_dims) * self.head_size
         self.linear = nn.Linear(in_features, sum(self.head_dims), bias=bias, device=device,
                                 dtype=dtype)
         self.register_buffer("index", kept_index(self.head_dims, self.head_size, device),
@@ -115,24 +140,29 @@ class HeadPaddedLinear(_HeadIndexed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
+        if self.compact:
+            return y
         out = y.new_zeros(*y.shape[:-1], self.out_features)
         return out.index_copy(-1, self.index, y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, head_dims={self.head_dims}, " \
-               f"head_size={self.head_size}"
+               f"head_size={self.head_size}, compact={self.compact}"
 
 
 class HeadSelectLinear(_HeadIndexed):
     """Keeps the first ``head_dims[h]`` entries of each head's ``head_size`` block of the
     input (``len(head_dims) * head_size`` features), then ``nn.Linear(sum(head_dims) ->
-    out_features)``."""
+    out_features)``. ``compact``: the input holds only the kept entries (``sum(head_dims)``
+    features, equal head dims), nothing to select."""
 
     def __init__(self, head_dims: Sequence[int], head_size: int, out_features: int,
-                 bias: bool = True, *, device=None, dtype=None) -> None:
+                 bias: bool = True, *, compact: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.head_dims, self.head_size = _head_dims(head_dims, head_size)
-        self.in_features = len(self.head_dims) * self.head_size
+        self.head_dims, self.head_size = _head_dims(head_dims, head_size, compact)
+        self.compact = bool(compact)
+        self.in_features = sum(self.head_dims) if compact else \
+            len(self.head_dims) * self.head_size
         self.out_features = int(out_features)
         self.linear = nn.Linear(sum(self.head_dims), out_features, bias=bias, device=device,
                                 dtype=dtype)
@@ -140,11 +170,91 @@ class HeadSelectLinear(_HeadIndexed):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.index_select(-1, self.index))
+        return self.linear(x if self.compact else x.index_select(-1, self.index))
 
     def extra_repr(self) -> str:
         return f"head_dims={self.head_dims}, head_size={self.head_size}, " \
-               f"out_features={self.out_features}"
+               f"out_features={self.out_features}, compact={self.compact}"
+
+
+# ----------------------------------------------------------------------------- compact values
+
+#: Llama-family attention classes whose forward :func:`compact_attention` generalises, and
+#: the transformers release from which it follows their forward (older ones pad instead).
+ROPE_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+COMPACT_TRANSFORMERS = (5, 25)
+#: False: value heads are always padded (to compare the two layouts on the same weights)
+COMPACT_VALUES = True
+
+
+def _stock_class(cls: type) -> type:
+    return getattr(cls, "rmtkd_stock_class", cls)
+
+
+def _transformers_version() -> tuple[int, int]:
+    import re
+
+    import transformers
+
+    major, minor = (transformers.__version__.split(".") + ["0"])[:2]
+    return int(major), int(re.match(r"\d*", minor).group() or 0)
+
+
+def supports_compact_values(attention: nn.Module) -> bool:
+    """Whether ``attention`` (a block's attention module) can read value heads narrower
+    than its ``head_dim`` (:func:`compact_attention`): a Llama-family attention under
+    transformers >= 5.25 (and :data:`COMPACT_VALUES`). Others read zero-padded value
+    heads."""
+    return COMPACT_VALUES and _stock_class(type(attention)).__name__ in ROPE_ATTENTIONS \
+        and _transformers_version() >= COMPACT_TRANSFORMERS
+
+
+def _compact_rope_forward(self, hidden_states: torch.Tensor,
+                          position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          attention_mask: torch.Tensor | None = None, cache: Any = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The stock Llama-family attention forward, but the value heads take v_proj's width
+    (``v_proj`` out / kv heads) instead of ``head_dim``; q and k (RoPE) are unchanged."""
+    import sys
+
+    stock = sys.modules[_stock_class(type(self)).__module__]
+    cache = kwargs.pop("past_key_values", cache)
+    shape = hidden_states.shape[:-1]
+    q = self.q_proj(hidden_states).view(*shape, -1, self.head_dim).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(*shape, -1, self.head_dim).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(*shape, k.shape[1], -1).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = stock.apply_rotary_pos_emb(q, k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+    attend = stock.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                        stock.eager_attention_forward)
+    window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+    if window is not None:
+        kwargs["sliding_window"] = window
+    out, weights = attend(self, q, k, v, attention_mask,
+                          dropout=0.0 if not self.training else self.attention_dropout,
+                          scaling=self.scaling, **kwargs)
+    return self.o_proj(out.reshape(*shape, -1).contiguous()), weights
+
+
+_COMPACT: dict[type, type] = {}
+
+
+def compact_attention(attention: nn.Module) -> nn.Module:
+    """Let ``attention`` read value heads of v_proj's width, in place (its class becomes a
+    subclass with :func:`_compact_rope_forward`; with full-width value heads it computes
+    what the stock forward does). Returns ``attention``."""
+    base = _stock_class(type(attention))
+    cls = _COMPACT.get(base)
+    if cls is None:
+        cls = type(base.__name__ + "CompactValues", (base,),
+                   {"forward": _compact_rope_forward, "rmtkd_stock_class": base,
+                    "__module__": __name__,
+                    "__doc__": f"{base.__name__} reading value heads of v_proj's width."})
+        _COMPACT[base] = cls
+    attention.__class__ = cls
+    return attention
 
 
 class ProjectedLinear(nn.Module):
@@ -384,13 +494,17 @@ def reshape_block(block: nn.Module, spec: dict, widths: dict, *, index: int = 0,
         v_rel, o_rel = spec["v"], spec["o"]
         v, o = get(block, v_rel), get(block, o_rel)
         rv, ro = _weight(v), _weight(o)
+        attention = get(block, v_rel.rpartition(".")[0])
+        compact = uniform_dims(dims) and supports_compact_values(attention)
+        if compact:
+            compact_attention(attention)
         set_attr(block, v_rel, HeadPaddedLinear(
             _features(v, "in_features", v_rel), dims, head_dim, bias=has(v_rel),
-            device=rv.device, dtype=rv.dtype).train(v.training))
+            compact=compact, device=rv.device, dtype=rv.dtype).train(v.training))
         set_attr(block, o_rel, HeadSelectLinear(
             [dims[h // group] for h in range(heads)], head_dim,
-            _features(o, "out_features", o_rel), bias=has(o_rel), device=ro.device,
-            dtype=ro.dtype).train(o.training))
+            _features(o, "out_features", o_rel), bias=has(o_rel), compact=compact,
+            device=ro.device, dtype=ro.dtype).train(o.training))
     ranks = widths.get("ranks") or {}
     for rel in spec["linears"]:
         mod = get(block, rel)

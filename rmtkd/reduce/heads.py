@@ -1,12 +1,17 @@
 """Per-head value widths: the padded value / selecting output modules and the per-head
 bases.
 
-Attention code views q, k and v alike as ``(..., heads, head_dim)``, so a narrower value
-tensor does not fit it. :class:`HeadPaddedLinear` computes only the kept value dims and
-zero-pads each head back to ``head_size``; :class:`HeadSelectLinear` drops the padded
+Stock attention code views q, k and v alike as ``(..., heads, head_dim)``, so a narrower
+value tensor does not fit it. :class:`HeadPaddedLinear` computes only the kept value dims
+and zero-pads each head back to ``head_size``; :class:`HeadSelectLinear` drops the padded
 zeros before the (narrower) output projection. Every framework tensor shape (and a KV
 cache) stays as it was, any attention backend works, and heads may keep different widths
 (0 too). Parameters and the value/output matmuls shrink to ``sum(head_dims)``.
+
+Where every kept head has the same width and the attention is a Llama-family one
+(:func:`~rmtkd.hf.modeling_rmtkd.supports_compact_values`), the two modules are
+``compact``: no padding, and the attention (:func:`compact_attention`) reads value heads
+of that width, so the KV cache and the attention itself shrink too.
 
 The two modules (and :func:`kept_index`) are defined in :mod:`rmtkd.hf.modeling_rmtkd`,
 re-exported here.
@@ -20,9 +25,11 @@ from torch import nn
 
 # The modules live in the self-contained file that a saved Hugging Face model carries
 # (loadable by transformers without rmtkd); this is the one implementation.
-from ..hf.modeling_rmtkd import HeadPaddedLinear, HeadSelectLinear, kept_index
+from ..hf.modeling_rmtkd import (HeadPaddedLinear, HeadSelectLinear, compact_attention,
+                                 kept_index, supports_compact_values, uniform_dims)
 
-__all__ = ["HeadPaddedLinear", "HeadSelectLinear", "kept_index", "head_bases",
+__all__ = ["HeadPaddedLinear", "HeadSelectLinear", "kept_index", "head_bases", "padded_layout",
+           "compact_attention", "supports_compact_values", "uniform_dims",
            "block_diagonal_basis", "dense_value", "dense_out", "top_eigenvectors", "f64"]
 
 
@@ -77,6 +84,23 @@ def block_diagonal_basis(covariance: torch.Tensor, num_heads: int, ks: Sequence[
     return torch.cat(cols, dim=1)
 
 
+def padded_layout(value: nn.Module, t: torch.Tensor, *, square: bool = False) -> torch.Tensor:
+    """A value site's statistic in the padded layout (kv heads x head_size rows): a compact
+    :class:`HeadPaddedLinear` outputs only the kept dims, so its site's mean (d,), basis
+    (d, k) or, with ``square``, covariance (d, d) is scattered to the kept positions (zeros
+    elsewhere). Any other value module's statistic is returned as it is."""
+    if not (isinstance(value, HeadPaddedLinear) and value.compact):
+        return t
+    idx = value.index.cpu()
+    out = t.new_zeros((value.padded_features,) * (2 if square else 1) + t.shape[2 if square
+                                                                              else 1:])
+    if square:
+        out[idx[:, None], idx] = t
+    else:
+        out[idx] = t
+    return out
+
+
 def dense_value(value: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out x in weight, bias) in float64 of a value map, padded rows zero."""
     from .maths import UnsupportedModuleError
@@ -84,11 +108,11 @@ def dense_value(value: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor
     if type(value) is nn.Linear:
         return f64(value.weight), None if value.bias is None else f64(value.bias)
     if isinstance(value, HeadPaddedLinear):
-        w = torch.zeros(value.out_features, value.in_features, dtype=torch.float64)
+        w = torch.zeros(value.padded_features, value.in_features, dtype=torch.float64)
         w[value.index.cpu()] = f64(value.linear.weight)
         b = None
         if value.linear.bias is not None:
-            b = torch.zeros(value.out_features, dtype=torch.float64)
+            b = torch.zeros(value.padded_features, dtype=torch.float64)
             b[value.index.cpu()] = f64(value.linear.bias)
         return w, b
     raise UnsupportedModuleError(f"value width cut: {name!r} is a {type(value).__name__}; "
@@ -102,7 +126,7 @@ def dense_out(dense: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor |
     if type(dense) is nn.Linear:
         return f64(dense.weight), None if dense.bias is None else f64(dense.bias)
     if isinstance(dense, HeadSelectLinear):
-        w = torch.zeros(dense.out_features, dense.in_features, dtype=torch.float64)
+        w = torch.zeros(dense.out_features, dense.padded_features, dtype=torch.float64)
         w[:, dense.index.cpu()] = f64(dense.linear.weight)
         return w, None if dense.linear.bias is None else f64(dense.linear.bias)
     raise UnsupportedModuleError(

@@ -78,10 +78,10 @@ def _rewrap(module: nn.Module, linear: nn.Linear) -> nn.Module:
     bias = linear.bias is not None   # built on the meta device: ``linear`` replaces its own
     if type(module) is HeadPaddedLinear:
         new = HeadPaddedLinear(linear.in_features, module.head_dims, module.head_size,
-                               bias=bias, device="meta")
+                               bias=bias, compact=module.compact, device="meta")
     else:
         new = HeadSelectLinear(module.head_dims, module.head_size, linear.out_features,
-                               bias=bias, device="meta")
+                               bias=bias, compact=module.compact, device="meta")
     new.linear = linear
     new.refresh_index()
     return new.train(module.training)

@@ -17,7 +17,10 @@ layer, whatever their attribute paths.
    query heads (head h of group g = h // (heads / kv_heads) keeps columns ``W_o,h U_g``).
    Attention rows sum to 1 and act per head linearly, so the block equals the original with
    the values replaced by ``mean + P (v - mean)``, P = blockdiag(U_g U_g^T), exactly: the
-   constant ``(I - P) mean`` reaches o unchanged and goes into its bias.
+   constant ``(I - P) mean`` reaches o unchanged and goes into its bias. The engine keeps
+   one width for every kept head of a block (``rmtkd.engine.step.one_width``); then a
+   Llama-family attention reads the value heads unpadded (``compact`` modules, see
+   :mod:`rmtkd.reduce.heads`).
 
 3. **Project**: any Linear of a block -> :class:`rmtkd.nn.ProjectedLinear`, the exact
    rank-k projection of its input (:func:`rmtkd.reduce.mlp.project_linear`).
@@ -40,8 +43,9 @@ from ..capture import Site
 from ..hf.modeling_rmtkd import EMBEDDING_KEY, RESIDUAL_KEY, FactorizedEmbedding, \
     module_has_bias, reshape, set_attr
 from ..nn import ProjectedLinear
-from .heads import (HeadPaddedLinear, HeadSelectLinear, dense_out, dense_value, f64,
-                    head_bases, top_eigenvectors)
+from .heads import (HeadPaddedLinear, HeadSelectLinear, compact_attention, dense_out,
+                    dense_value, f64, head_bases, padded_layout, supports_compact_values,
+                    top_eigenvectors, uniform_dims)
 from .maths import (ELEMENTWISE, PASSTHROUGH, Reduction, UnsupportedModuleError,
                     check_orthonormal, n_params, select_units, set_module, width_maps)
 from .embedding import factorize_embedding
@@ -192,6 +196,13 @@ def _sync_mlp_attrs(block: nn.Module, spec: BlockSpec, size: int) -> None:
 
 # ----------------------------------------------------------------------------- values
 
+def reads_compact_values(block: nn.Module, spec: BlockSpec) -> bool:
+    """Whether ``block``'s attention reads value heads of one kept width unpadded
+    (:func:`~rmtkd.hf.modeling_rmtkd.supports_compact_values`): its value cut then keeps
+    one width for every kept head."""
+    return supports_compact_values(get(block, spec.attention.v.rpartition(".")[0]))
+
+
 def value_replacements(block: nn.Module, spec: BlockSpec, bases: Sequence[torch.Tensor],
                        mean: torch.Tensor | None) -> dict[str, nn.Module]:
     """``{v: HeadPaddedLinear, o: HeadSelectLinear}`` keeping ``bases[g]`` (head_dim x k_g,
@@ -243,12 +254,16 @@ def value_replacements(block: nn.Module, spec: BlockSpec, bases: Sequence[torch.
     q_rows = [h for g in heads_kept for h in range(g * rep, (g + 1) * rep)]
     ref_v = v_mod.linear if isinstance(v_mod, HeadPaddedLinear) else v_mod
     ref_o = o_mod.linear if isinstance(o_mod, HeadSelectLinear) else o_mod
+    # one width for every kept head: the attention reads it unpadded where it can
+    compact = uniform_dims([ks[g] for g in heads_kept]) and reads_compact_values(block, spec)
+    if compact:   # computes the stock function until v and o are swapped
+        compact_attention(get(block, a.v.rpartition(".")[0]))
     value = HeadPaddedLinear(wv.shape[1], [ks[g] for g in heads_kept], hd,
-                             bias=bv is not None, device=ref_v.weight.device,
-                             dtype=ref_v.weight.dtype)
+                             bias=bv is not None, compact=compact,
+                             device=ref_v.weight.device, dtype=ref_v.weight.dtype)
     out = HeadSelectLinear([ks[h // rep] for h in q_rows], hd, wo.shape[0],
-                           bias=bo is not None, device=ref_o.weight.device,
-                           dtype=ref_o.weight.dtype)
+                           bias=bo is not None, compact=compact,
+                           device=ref_o.weight.device, dtype=ref_o.weight.dtype)
     with torch.no_grad():
         value.linear.weight.copy_(Pv.T @ wv)
         if bv is not None:
@@ -282,7 +297,10 @@ def value_bases(block: nn.Module, spec: BlockSpec, cov: torch.Tensor,
     (restricted to the dims it still keeps), in head_dim rows."""
     a = spec.attention
     hd, Hkv = a.head_dim, a.kv_heads
+    v = get(block, a.v)
     C = f64(cov)
+    if tuple(C.shape) == (v.out_features,) * 2:
+        C = padded_layout(v, C, square=True)
     if tuple(C.shape) != (Hkv * hd, Hkv * hd):
         raise ValueError(f"value width cut: cov must be ({Hkv * hd}, {Hkv * hd}) = ({Hkv} kv "
                          f"heads x head_dim {hd})^2; got {tuple(C.shape)}")
@@ -305,7 +323,8 @@ def cut_values(block: nn.Module, mean: torch.Tensor | None, cov: torch.Tensor,
 
     Args:
         block: a transformer block of a known family.
-        mean, cov: (d,) / (d, d) statistics of its value site (d = kv heads x head_dim).
+        mean, cov: (d,) / (d, d) statistics of its value site (d = kv heads x head_dim;
+            the kept dims for compact value heads).
         head_ks: k_g per kv head (0 drops the head's values), not all 0.
         bases: optional per-head (head_dim x k_g) orthonormal bases instead of the
             eigenvectors (rows of dims already removed must be zero).
@@ -319,6 +338,8 @@ def cut_values(block: nn.Module, mean: torch.Tensor | None, cov: torch.Tensor,
     if bases is None:
         bases = value_bases(block, spec, cov, head_ks)
     bases = [f64(b) for b in bases]
+    if mean is not None:
+        mean = padded_layout(get(block, a.v), f64(mean))
     before = n_params(block)
     for name, mod in value_replacements(block, spec, bases, mean).items():
         set_module(block, name, mod)
@@ -389,14 +410,17 @@ def dim_replacements(model: nn.Module, dim: CoupledDim, reduction: Reduction
         new = mlp_replacements(block, spec, reduction)
     else:
         a = spec.attention
-        if reduction.d != a.kv_heads * a.head_dim:
+        v = get(block, a.v)
+        d = getattr(v, "out_features", None)   # the site's width (compact: the kept dims)
+        if reduction.d != d:
             raise ValueError(f"Reduction {reduction.site!r}: the values of "
-                             f"{spec.name or 'the block'} have {a.kv_heads} kv heads x "
-                             f"{a.head_dim} = {a.kv_heads * a.head_dim} features but the "
-                             f"reduction has d={reduction.d}")
+                             f"{spec.name or 'the block'} ({a.kv_heads} kv heads x "
+                             f"{a.head_dim}) have {d} features but the reduction has "
+                             f"d={reduction.d}")
         check_orthonormal(reduction)
-        bases = head_bases(reduction.basis, a.kv_heads, a.head_dim)
-        new = value_replacements(block, spec, bases, reduction.mean)
+        bases = head_bases(padded_layout(v, reduction.basis), a.kv_heads, a.head_dim)
+        mean = None if reduction.mean is None else padded_layout(v, reduction.mean)
+        new = value_replacements(block, spec, bases, mean)
     return {spec.full(n): m for n, m in new.items()}
 
 
