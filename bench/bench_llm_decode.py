@@ -1,8 +1,9 @@
 """Greedy tokens/s at batch 1 of a saved rmtkd LLM against the original SmolLM2, the
 models' generations interleaved (``rmtkd.report.paired_medians``, the same protocol as
-``rmtkd.llm.compare_models``) at each thread count; ``--padded`` adds the same saved
-weights loaded with zero-padded value heads (``modeling_rmtkd.COMPACT_VALUES = False``),
-what the compact value heads buy on their own. Writes bench/results/llm-decode-*.json:
+``rmtkd.llm.compare_models``) at each thread count; ``--padded`` loads the model with
+compact value heads (``modeling_rmtkd.COMPACT_VALUES = True``; the job must have kept one
+width per block, i.e. run with it on) and adds the same weights with zero-padded value
+heads: what compact heads buy on their own. Writes bench/results/llm-decode-*.json:
 
     python bench/bench_llm_decode.py /tmp/smol16 --threads 2 1 [--padded]
 """
@@ -17,7 +18,8 @@ import rmtkd
 from rmtkd.engine.blockwise import load_tokenizer
 from rmtkd.examples import smollm2
 from rmtkd.hf import modeling_rmtkd
-from rmtkd.llm import count_params, greedy_generation, token_sequences
+from rmtkd.llm import count_params, token_sequences
+from rmtkd.llm.evaluate import greedy_generation
 from rmtkd.report import paired_medians
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,12 +37,12 @@ a = p.parse_args()
 md = smollm2.model_dir()
 seqs = token_sequences(smollm2.texts()[1], 128, max_tokens=2048, tokenizer=load_tokenizer(md))
 prompt = seqs[0, :a.prompt_len]
+modeling_rmtkd.COMPACT_VALUES = a.padded
 models = {"before": LlamaForCausalLM.from_pretrained(str(md), dtype=torch.float32).eval(),
           "after": rmtkd.load(a.model).float().eval()}
 if a.padded:
     modeling_rmtkd.COMPACT_VALUES = False
     models["after_padded"] = rmtkd.load(a.model).float().eval()
-    modeling_rmtkd.COMPACT_VALUES = True
     compact = [getattr(m.self_attn.v_proj, "compact", None)
                for m in models["after"].model.layers]
     print(f"compact value heads in {sum(bool(c) for c in compact)} of {len(compact)} blocks")

@@ -53,6 +53,8 @@ def main() -> None:
                     help="the block pass's looser ratio the KL step wins back")
     ap.add_argument("--tag", default="")
     ap.add_argument("--keep", type=Path, help="copy the compressed model to this directory")
+    ap.add_argument("--compact-values", action="store_true",
+                    help="opt in to compact value heads (modeling_rmtkd.COMPACT_VALUES)")
     a = ap.parse_args()
 
     import torch
@@ -62,8 +64,10 @@ def main() -> None:
     from rmtkd.engine import BlockwiseSettings, CompressConfig, compress_blockwise, format_blocks
     from rmtkd.engine.blockwise import load_tokenizer
     from rmtkd.examples import smollm2
+    from rmtkd.hf import modeling_rmtkd
     from rmtkd.llm import compare_models, token_sequences
 
+    modeling_rmtkd.COMPACT_VALUES = a.compact_values
     model_dir = smollm2.model_dir()
     calib, held = smollm2.texts()
     ratio = None if a.ppl_ratio.lower() == "none" else float(a.ppl_ratio)

@@ -223,7 +223,7 @@ def test_uniform_rank_rule_in_the_blockwise_path(tmp_path, mode):
         for layer in out.model.layers:
             assert layer.mlp.gate_proj.out_features == 88
             assert layer.self_attn.v_proj.head_dims == [HD // 2] * KV
-            assert layer.self_attn.v_proj.compact    # one width: read unpadded
+            assert not layer.self_attn.v_proj.compact    # padded unless opted in
     else:   # a projection is kept where it saves parameters (not down_proj at 88 of 176)
         for r in res.history:
             mod = out.model.layers[r.block].get_submodule(r.site.split(":")[0])

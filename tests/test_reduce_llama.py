@@ -503,6 +503,20 @@ FAMILIES = {"llama": {},
                         "sliding_window": 4}}
 
 
+@pytest.fixture
+def compact_on(monkeypatch):
+    """Compact value heads opted in (``COMPACT_VALUES``) for one test."""
+    monkeypatch.setattr(modeling_rmtkd, "COMPACT_VALUES", True)
+
+
+def test_value_heads_are_padded_by_default():
+    model = llama()
+    cut_every_layer(model, stats(model), [6, 6])
+    for _, layer in llama_layers(model):
+        assert not layer.self_attn.v_proj.compact
+        assert not type(layer.self_attn).__name__.endswith("CompactValues")
+
+
 def cut_every_layer(model, st, ks):
     for i, (_, layer) in enumerate(llama_layers(model)):
         mean, cov = st[("v", i)]
@@ -511,7 +525,7 @@ def cut_every_layer(model, st, ks):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_compact_values_compute_the_padded_function(family, monkeypatch):
+def test_compact_values_compute_the_padded_function(family, monkeypatch, compact_on):
     """Equal kept widths: v/o compute only the kept dims and the attention reads value
     heads of that width (no padding); the logits and the cached generation equal those of
     the padded modules (forced by pretending the attention cannot read them) and of the
@@ -546,10 +560,10 @@ def test_compact_values_compute_the_padded_function(family, monkeypatch):
     assert torch.equal(g[0], g[1])
 
 
-def test_compact_values_round_trip_and_fall_back(tmp_path, monkeypatch):
-    """A model with compact value heads saves and loads compact (rmtkd and transformers'
-    trust_remote_code); on a transformers release older than the compact forward follows,
-    the same files load padded and compute the same logits."""
+def test_compact_values_round_trip_and_fall_back(tmp_path, monkeypatch, compact_on):
+    """A model with compact value heads saves and loads compact with rmtkd (switch on);
+    transformers' trust_remote_code copy (switch off) and a transformers release older
+    than the compact forward follows load the same files padded: the same logits."""
     model = llama(dtype=torch.float32)
     cut_every_layer(model, stats(model), [5, 5])
     rmtkd.save(model, tmp_path / "m")
@@ -558,7 +572,8 @@ def test_compact_values_round_trip_and_fall_back(tmp_path, monkeypatch):
     remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m",
                                                                trust_remote_code=True)
     assert all(layer.self_attn.v_proj.compact for _, layer in llama_layers(loaded))
-    assert all(layer.self_attn.v_proj.compact for _, layer in llama_layers(remote))
+    # the copy that trust_remote_code imports keeps its own (default, off) switch: padded
+    assert not any(layer.self_attn.v_proj.compact for _, layer in llama_layers(remote))
     monkeypatch.setattr(modeling_rmtkd, "_transformers_version", lambda: (5, 24))
     old = rmtkd.load(tmp_path / "m")
     assert not any(layer.self_attn.v_proj.compact for _, layer in llama_layers(old))
@@ -569,7 +584,7 @@ def test_compact_values_round_trip_and_fall_back(tmp_path, monkeypatch):
         assert torch.allclose(old(input_ids=x).logits, want, atol=1e-5)
 
 
-def test_compact_values_cut_again_from_their_own_statistics():
+def test_compact_values_cut_again_from_their_own_statistics(compact_on):
     """The value site of compact heads has only the kept dims; a second cut from its
     statistics equals the float64 reference projection of those statistics."""
     model = llama()
@@ -596,7 +611,7 @@ def head_bases_of(cov, width, ks):
     return out
 
 
-def test_rank_rule_keeps_one_value_width_per_block():
+def test_rank_rule_keeps_one_value_width_per_block(compact_on):
     """Where the attention reads compact value heads, the rule's k per head becomes one
     width (the largest); a head without dims stays removed."""
     from rmtkd.engine.step import one_width

@@ -19,8 +19,9 @@ Contents:
 - :class:`HeadPaddedLinear`, :class:`HeadSelectLinear`: per-head value widths (a value
   projection computing only the kept dims, zero-padded per head; an output projection that
   drops the padding first). Their ``index`` buffer is not persistent: it is rebuilt from
-  ``head_dims`` (:func:`refresh_buffers`). Where every kept head has the same width and the
-  block's attention is a Llama-family one (:func:`supports_compact_values`), they are
+  ``head_dims`` (:func:`refresh_buffers`). With :data:`COMPACT_VALUES` on (opt-in), where
+  every kept head has the same width and the block's attention is a Llama-family one
+  (:func:`supports_compact_values`), they are
   ``compact`` (no padding, no selection) and :func:`compact_attention` lets the attention
   read value heads of that width: the KV cache and the attention shrink too. The state dict
   is the same either way, so the same files load padded elsewhere.
@@ -183,8 +184,12 @@ class HeadSelectLinear(_HeadIndexed):
 #: the transformers release from which it follows their forward (older ones pad instead).
 ROPE_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 COMPACT_TRANSFORMERS = (5, 25)
-#: False: value heads are always padded (to compare the two layouts on the same weights)
-COMPACT_VALUES = True
+#: Opt in to compact value heads (set before compressing or loading). Off by default: on
+#: CPU, torch's fused SDPA kernel needs the value head dim equal to the query's, so compact
+#: heads run attention on its unfused path, which costs about what the padding saved
+#: (SmolLM2 decode at batch 1: no measurable difference, BENCHMARKS.md) and materialises
+#: the attention matrix on long prompts. What it does buy: a smaller value KV cache.
+COMPACT_VALUES = False
 
 
 def _stock_class(cls: type) -> type:

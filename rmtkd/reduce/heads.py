@@ -8,7 +8,8 @@ zeros before the (narrower) output projection. Every framework tensor shape (and
 cache) stays as it was, any attention backend works, and heads may keep different widths
 (0 too). Parameters and the value/output matmuls shrink to ``sum(head_dims)``.
 
-Where every kept head has the same width and the attention is a Llama-family one
+Opt-in (``rmtkd.hf.modeling_rmtkd.COMPACT_VALUES = True``): where every kept head has the
+same width and the attention is a Llama-family one
 (:func:`~rmtkd.hf.modeling_rmtkd.supports_compact_values`), the two modules are
 ``compact``: no padding, and the attention (:func:`compact_attention`) reads value heads
 of that width, so the KV cache and the attention itself shrink too.

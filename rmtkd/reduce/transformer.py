@@ -17,10 +17,10 @@ layer, whatever their attribute paths.
    query heads (head h of group g = h // (heads / kv_heads) keeps columns ``W_o,h U_g``).
    Attention rows sum to 1 and act per head linearly, so the block equals the original with
    the values replaced by ``mean + P (v - mean)``, P = blockdiag(U_g U_g^T), exactly: the
-   constant ``(I - P) mean`` reaches o unchanged and goes into its bias. The engine keeps
-   one width for every kept head of a block (``rmtkd.engine.step.one_width``); then a
-   Llama-family attention reads the value heads unpadded (``compact`` modules, see
-   :mod:`rmtkd.reduce.heads`).
+   constant ``(I - P) mean`` reaches o unchanged and goes into its bias. With compact
+   value heads opted in, the engine keeps one width for every kept head of a Llama-family
+   block (``rmtkd.engine.step.one_width``) and its attention reads them unpadded
+   (``compact`` modules, see :mod:`rmtkd.reduce.heads`).
 
 3. **Project**: any Linear of a block -> :class:`rmtkd.nn.ProjectedLinear`, the exact
    rank-k projection of its input (:func:`rmtkd.reduce.mlp.project_linear`).
