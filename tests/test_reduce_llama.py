@@ -76,11 +76,12 @@ def stats(model, x=None):
     return out
 
 
-def head_bases(cov, ks):
-    """Independent reference: per kv head, top-k_g eigenvectors of its diagonal block."""
+def head_bases(cov, ks, width=HD):
+    """Independent reference: per kv head (``width`` wide), top-k_g eigenvectors of its
+    diagonal block."""
     out = []
     for g, k in enumerate(ks):
-        e, v = torch.linalg.eigh(cov[g * HD:(g + 1) * HD, g * HD:(g + 1) * HD])
+        e, v = torch.linalg.eigh(cov[g * width:(g + 1) * width, g * width:(g + 1) * width])
         out.append(v[:, e.argsort(descending=True)[:k]])
     return out
 
@@ -594,21 +595,12 @@ def test_compact_values_cut_again_from_their_own_statistics(compact_on):
     m2, c2 = stats(model)[("v", 0)]
     assert c2.shape == (KV * 8, KV * 8)
     reference = copy.deepcopy(model)
-    P = torch.block_diag(*[b @ b.T for b in head_bases_of(c2, 8, [3, 3])])
+    P = torch.block_diag(*[b @ b.T for b in head_bases(c2, [3, 3], width=8)])
     llama_layers(reference)[0][1].self_attn.v_proj.register_forward_hook(
         lambda mod, a, o: m2 + (o - m2) @ P)
     cut_values(layer, m2, c2, [3, 3])
     assert layer.self_attn.v_proj.compact and layer.self_attn.v_proj.head_dims == [3, 3]
     assert max_diff(hidden(model), hidden(reference)) < 1e-10
-
-
-def head_bases_of(cov, width, ks):
-    """:func:`head_bases` for heads ``width`` wide."""
-    out = []
-    for g, k in enumerate(ks):
-        e, v = torch.linalg.eigh(cov[g * width:(g + 1) * width, g * width:(g + 1) * width])
-        out.append(v[:, e.argsort(descending=True)[:k]])
-    return out
 
 
 def test_rank_rule_keeps_one_value_width_per_block(compact_on):
