@@ -57,22 +57,32 @@ def bert(cls):
 
 
 def reduce_bert(model):
-    """Layer 0: MLP width 16 and value dims [2, 3, 0, 5] per head; layer 1: the MLP output
-    and the attention output projected (ranks 9, 10); the token embedding at rank 12."""
+    """Layer 0: MLP width 16 and value dims [2, 3, 0, 5] per head; layer 1: head size 5,
+    then the MLP output and the attention output projected (ranks 9, 10); the token
+    embedding at rank 12."""
+    from rmtkd.capture import make_site
+    from rmtkd.reduce.attention import head_statistics, head_width_reduction
+    from rmtkd.reduce.transformer import block_of
+
     p = block_modules(model)[0][0].rpartition(".")[0]
     g = torch.Generator().manual_seed(7)
     A = torch.randn(H, H, generator=g, dtype=torch.float64)
     emb = p.replace("encoder.layer", "embeddings.word_embeddings")
     mean = model.get_submodule(emb).weight.detach().double().mean(0)
-    for red in (Reduction("e", emb, "width", H, 12, orth(H, 12, 4), mean),
+    block = model.get_submodule(f"{p}.1")
+    query = f"{p}.1.attention.self.query"
+    heads = head_width_reduction(make_site(query, model.get_submodule(query)), head_statistics(
+        block, block_of(block)[1], torch.randn(H, generator=g, dtype=torch.float64), A @ A.T),
+        5)
+    for red in (Reduction("e", emb, "width", H, 12, orth(H, 12, 4), mean), heads,
 Reduction("a", f"{p}.0.output.dense", "width", FF, 16, orth(FF, 16, 1),
                           torch.randn(FF, generator=g)),
                 head_reduction("b", f"{p}.0.attention.output.dense", A @ A.T, HEADS,
                                [2, 3, 0, 5], mean=torch.randn(H, generator=g)),
                 Reduction("c", f"{p}.1.output.dense", "project", FF, 9, orth(FF, 9, 2),
                           torch.randn(FF, generator=g)),
-                Reduction("d", f"{p}.1.attention.output.dense", "project", H, 10,
-                          orth(H, 10, 3))):
+                Reduction("d", f"{p}.1.attention.output.dense", "project", HEADS * 5, 10,
+                          orth(HEADS * 5, 10, 3))):
         assert reduce_site(model, red).applied
     return model.eval()
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from torch import nn
 
 NORM_KINDS = ("layernorm", "rmsnorm")
-DIM_KINDS = ("mlp_width", "value_width", "embedding_rank", "residual_width")
+DIM_KINDS = ("mlp_width", "value_width", "head_width", "embedding_rank", "residual_width")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -94,7 +94,8 @@ class CoupledDim:
     """A dimension that one cut changes in several modules at once.
 
     ``kind``: "mlp_width" (a block's MLP inner width), "value_width" (the value width per
-    key-value head), "embedding_rank" (the rank of the token-embedding table; ``block``
+    key-value head), "head_width" (one head size for a block's queries, keys and values,
+    captured at the attention's input; :mod:`rmtkd.reduce.attention`), "embedding_rank" (the rank of the token-embedding table; ``block``
     None) or "residual_width" (the hidden units of a post-norm encoder's residual stream,
     :class:`StreamSpec`; ``block`` None, ``capture`` its first state). ``capture``: the module whose ``where`` ("input"/"output") activation is
     analysed; ``writers`` / ``readers``: the modules (full names) that produce and consume

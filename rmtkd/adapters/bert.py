@@ -5,7 +5,9 @@ a plain feed-forward ``output.dense(gelu(intermediate.dense(x)))``.
 
 Coupled dimensions per block: the feed-forward inner width (read at ``output.dense``'s
 input) and the value width per head, read at the attention output's input (the per-head
-contexts, which are linear in the values: attention rows sum to 1).
+contexts, which are linear in the values: attention rows sum to 1); and, cut only when
+named, the head width (one head size for the queries, keys and values of a layer:
+``attention_head_size`` is read at run time, the softmax scale stays the original).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ LAYOUT = Layout(
     embeddings="embeddings", token_embedding="embeddings.word_embeddings",
     final_norm=None, head="classifier",
     embedding_norm="LayerNorm", pooler="pooler.dense",
-    pooled_classes=("BertForSequenceClassification", "BertForMultipleChoice"))
+    pooled_classes=("BertForSequenceClassification", "BertForMultipleChoice"),
+    head_size_cut=True)
 
 HF_CLASSES = ("BertModel", "BertForSequenceClassification", "BertForMaskedLM",
               "BertForTokenClassification", "BertForQuestionAnswering",

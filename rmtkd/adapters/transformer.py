@@ -50,6 +50,9 @@ class Layout:
     pooler: str | None = None
     #: model classes whose output reads the last state only through the pooler (no lift)
     pooled_classes: tuple[str, ...] = ()
+    #: the attention reads its head size from ``head_dim_attr`` at run time and has no
+    #: rotary embedding tied to it, so a block may take a smaller one (the head width cut)
+    head_size_cut: bool = False
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -176,6 +179,11 @@ class TransformerAdapter:
         return tuple(a for a in cands if isinstance(get(block, a), int)
                      and not isinstance(get(block, a), bool))
 
+    def head_size_attrs(self) -> tuple[str, ...]:
+        """The block attributes that hold the head size and follow a head width cut (empty:
+        the family does not take one)."""
+        return (self.layout.head_dim_attr,) if self.layout.head_size_cut else ()
+
     def layout_record(self, model: nn.Module) -> dict:
         """A JSON-able record of where the blocks of ``model`` are and what they hold, for
         :func:`rmtkd.hf.modeling_rmtkd.reshape` (which walks a model with these strings
@@ -183,7 +191,8 @@ class TransformerAdapter:
         "container"`` (the module holding the blocks as ``<container>.<i>``, or None)
         ``, "blocks": [...]}``, per block ``{"path"`` (its module name), ``"q", "k", "v",
         "o", "heads", "kv_heads", "head_dim", "group", "mlp_producers", "mlp_consumer",
-        "linears"`` (relative paths of every projection) ``, "mlp_width_attrs"}``, and the
+        "linears"`` (relative paths of every projection) ``, "mlp_width_attrs",
+        "head_size_attrs"}``, and the
         full names of the token embedding and the final norm (``"embedding"``,
         ``"final_norm"``; None where there is none)."""
         from ..hf.modeling_rmtkd import LAYOUT_FORMAT, LAYOUT_VERSION
@@ -197,7 +206,8 @@ class TransformerAdapter:
                            "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
                            "group": a.group, "mlp_producers": list(m.producers),
                            "mlp_consumer": m.consumer, "linears": list(spec.linears),
-                           "mlp_width_attrs": list(self.mlp_width_attrs(block))})
+                           "mlp_width_attrs": list(self.mlp_width_attrs(block)),
+                           "head_size_attrs": list(self.head_size_attrs())})
         prefixes = {n.rpartition(".")[0] for n, _ in mods}
         container = prefixes.pop() if len(prefixes) == 1 else None
         if container is not None and [n.rpartition(".")[2] for n, _ in mods] != \
@@ -247,7 +257,8 @@ class TransformerAdapter:
     def coupled_dims(self, model: nn.Module) -> list[CoupledDim]:
         """The residual-stream width (post-norm encoders that hold their embeddings), the
         token-embedding rank (where ``model`` holds an untied table), then per block, in
-        execution order: the value width, then the MLP inner width."""
+        execution order: the head width (families that take one), the value width, then the
+        MLP inner width."""
         dims = []
         stream = self.stream(model)
         if stream is not None:
@@ -259,6 +270,10 @@ class TransformerAdapter:
             dims.append(CoupledDim("embedding_rank", None, emb, "output", (emb,), ()))
         for spec in self.blocks(model):
             a, m = spec.attention, spec.mlp
+            if self.layout.head_size_cut:
+                dims.append(CoupledDim("head_width", spec, spec.full(a.q), "input",
+                                       tuple(spec.full(n) for n in (a.q, a.k, a.v)),
+                                       (spec.full(a.o),)))
             if a.value_site == "v_output":
                 cap, where = a.v, "output"
             else:
@@ -286,15 +301,16 @@ class TransformerAdapter:
     def select_dims(self, model: nn.Module, include: Sequence[str] | None
                     ) -> list[CoupledDim]:
         """The coupled dims that a pattern of ``include`` names (when None: all but the
-        residual width, which changes the width of the model's hidden states and is cut
-        only when named): a kind ("mlp_width", "value_width": every block's;
+        residual width, which changes the width of the model's hidden states, and the head
+        width, both cut only when named): a kind ("mlp_width", "value_width",
+        "head_width": every block's;
         "embedding_rank", "residual_width") or a glob of the capture module's name. They
         are cut in the order of the patterns that first name them (the schedule), in the
         adapter's order (shallow to deep) within one pattern.
         Raises ValueError for a pattern that matches none (listing the sites)."""
         dims = self.coupled_dims(model)
         if include is None:
-            return [d for d in dims if d.kind != "residual_width"]
+            return [d for d in dims if d.kind not in ("residual_width", "head_width")]
         patterns = [include] if isinstance(include, str) else list(include)
 
         def hit(d: CoupledDim, p: str) -> bool:
@@ -308,8 +324,9 @@ class TransformerAdapter:
                     f"{self.layout.family} model; its sites are the residual-stream width "
                     f"(kind 'residual_width', post-norm encoders), the token-embedding rank "
                     f"(kind 'embedding_rank', where the table is not tied to the head) and "
-                    f"the value width and the MLP inner width of each block (kinds "
-                    f"'value_width', 'mlp_width'), named by the modules {names}, ...")
+                    f"the head width (BERT family), the value width and the MLP inner width "
+                    f"of each block (kinds 'head_width', 'value_width', 'mlp_width'), named "
+                    f"by the modules {names}, ...")
         # the schedule: in the order the patterns are listed, the adapter's order within one
         picked = [(min(i for i, p in enumerate(patterns) if hit(d, p)), j, d)
                   for j, d in enumerate(dims) if any(hit(d, p) for p in patterns)]

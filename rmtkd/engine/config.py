@@ -125,8 +125,9 @@ class CompressConfig:
     estimator, margin, solver: of :func:`rmtkd.spikes`.
     sites: fnmatch globs on module names (None: every reducible site the adapter names);
     a transformer's sites also take kinds ("residual_width", "embedding_rank",
-    "value_width", "mlp_width") and are cut in the order the patterns are listed (the
-    schedule; shallow to deep within one pattern).
+    "head_width", "value_width", "mlp_width"; None leaves out the residual and head widths)
+    and are cut in the order the patterns are listed (the schedule; shallow to deep within
+    one pattern).
     calib_fraction: share of the training data used to calibrate (whole-model).
     conv_samples: what the MP fit of a conv site counts as samples, "images" (default) or
     "positions" (:func:`rmtkd.capture.sites.fit_samples`).

@@ -16,6 +16,7 @@ import torch
 from ..capture import Site
 from ..rank_rules import choose_k, parse_rule, top_eigenvectors
 from ..reduce import Reduction, head_reduction
+from ..reduce.attention import head_width_reduction
 from ..spectral import SpectrumFit, spikes
 
 
@@ -152,7 +153,9 @@ def plan_cut(site: Site, stats: Any, n: int, cfg: Any, *, kv_heads: int | None =
              one: bool = False, keep_all: bool = False) -> Cut:
     """Fit the site's spectrum (:func:`rmtkd.spikes`) and choose k by ``cfg.rank_rule``
     (per key-value head when ``kv_heads`` is given, ``one``: one width for the kept
-    heads); ``keep_all``: k = d, no fit."""
+    heads; a head width site, kind "heads", keeps for every head the largest k that the
+    rule gives any head's values or keys, and ``mp_k`` is that); ``keep_all``: k = d, no
+    fit."""
     d = site.dim
     if keep_all:
         ks = [d // kv_heads] * kv_heads if kv_heads else None
@@ -161,6 +164,10 @@ def plan_cut(site: Site, stats: Any, n: int, cfg: Any, *, kv_heads: int | None =
                  seed=cfg.seed)
     if kv_heads:
         ks = head_ks(stats.cov, kv_heads, n, cfg, one=one)
+        if site.kind == "heads":   # one head size: the largest value or key k of any head
+            keys = head_ks(torch.block_diag(*stats.key_cov), kv_heads, n, cfg)
+            ks = [max(ks + keys)] * kv_heads
+            return Cut(site, fit, sum(ks), sum(ks), ks, stats, one_width=True)
         return Cut(site, fit, sum(ks), fit.k, ks, stats, one_width=one)
     if parse_rule(cfg.rank_rule)[0] != "mp":
         vals, vecs = top_eigenvectors(stats.cov)
@@ -192,6 +199,8 @@ def reduction(cut: Cut, cfg: Any, share: float = 1.0) -> Reduction | None:
         ks = attempt_k(cut, share)[1]
         if sum(ks) < 1:
             return None
+        if site.kind == "heads":
+            return head_width_reduction(site, st, max(ks))
         return head_reduction(site.name, site.module_name, st.cov, len(ks), ks, mean=mean)
     k = backed_off(cut.k, cut.d, share, least=1 if share > 1.0 else 0)
     if k < 1:

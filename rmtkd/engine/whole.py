@@ -43,6 +43,7 @@ from ..collectives import agree, all_or_none, check_same, check_same_plan, is_di
 from ..distill.trainer import NonFiniteLossError, TeacherCache
 from ..distributed import collect_sharded_statistics, distributed_distill
 from ..reduce import Reduction, UnsupportedModuleError, reduce_site
+from ..reduce.attention import head_statistics
 from ..reduce.maths import n_params
 from ..reduce.transformer import dim_site, reads_compact_values
 from ..spectral import SpectrumFit
@@ -105,7 +106,7 @@ class CompressionResult:
 
 # ------------------------------------------------------------------ checkpoint payloads
 
-_RED_TENSORS = ("basis", "mean", "units", "reconstruction")
+_RED_TENSORS = ("basis", "mean", "units", "reconstruction", "maps")
 
 
 def _pack_reduction(r: Reduction, i: int, tensors: dict) -> dict:
@@ -120,7 +121,7 @@ def _pack_reduction(r: Reduction, i: int, tensors: dict) -> dict:
 def _unpack_reduction(d: dict, i: int, tensors: dict) -> Reduction:
     t = {n: tensors.get(f"plan/{i}/{n}") for n in _RED_TENSORS}
     return Reduction(d["site"], d["module_name"], d["mode"], d["d"], d["k"], t["basis"],
-                     t["mean"], t["units"], t["reconstruction"], d["surgery"])
+                     t["mean"], t["units"], t["reconstruction"], d["surgery"], t["maps"])
 
 
 def _pack_fit(name: str, f: SpectrumFit, tensors: dict) -> dict:
@@ -228,11 +229,18 @@ class WholeModel(Strategy):
         if isinstance(self.adapter, TransformerAdapter):
             dims = self.adapter.select_dims(model, cfg.sites)
             units = []
+            values_cut = set()
             for i, d in enumerate(dims):
                 site = dim_site(d, model)
                 values = d.kind == "value_width" and cfg.mode == "width"
-                kv = {site.name: d.block.attention.kv_heads} if values else {}
-                one = {site.name} if values and reads_compact_values(
+                heads = d.kind == "head_width"   # a head size, whatever the mode
+                if values:
+                    values_cut.add(d.block.name)
+                if heads and d.block.name in values_cut:
+                    raise ValueError(f"sites: the head width of {d.block.name!r} is listed "
+                                     f"after its value width; cut the head width first")
+                kv = {site.name: d.block.attention.kv_heads} if values or heads else {}
+                one = {site.name} if heads or values and reads_compact_values(
                     model.get_submodule(d.block.name) if d.block.name else model,
                     d.block) else set()
                 units.append(Unit(i, site.name, [site], kv, one_width=one))
@@ -336,7 +344,7 @@ class WholeModel(Strategy):
         site = unit.sites[0]
         module = self.model.get_submodule(site.module_name)
         attr = "embedding_dim" if site.kind == "embedding" else "normalized_shape" \
-            if site.kind == "residual" else \
+            if site.kind == "residual" else "out_features" if site.kind == "heads" else \
             ("in_channels" if isinstance(module, nn.Conv2d) else "in_features") \
             if site.where == "input" else \
             ("out_channels" if isinstance(module, nn.Conv2d) else "out_features")
@@ -355,6 +363,15 @@ class WholeModel(Strategy):
                           acc_dtype=self.acc_dtype)
             stats = pooled_statistics([got[s.name] for s in states])
             return {site.name: (stats, stats.n)}
+        if site.kind == "heads":   # the attention's input; every head's statistics from it
+            module = self.model.get_submodule(site.module_name)
+            probe = Site(site.name, site.module_name, "linear", module.in_features, "input")
+            stats = collect(self.model, self.calib, [probe], progress=False,
+                            acc_dtype=self.acc_dtype)[site.name]
+            dim = self.adapter.dim_for(self.model, site.name)
+            block = self.model.get_submodule(dim.block.name) if dim.block.name else self.model
+            n = fit_samples(probe, stats.n, self.n_calib, self.cfg.conv_samples, None)
+            return {site.name: (head_statistics(block, dim.block, stats.mean, stats.cov), n)}
         stats = collect(self.model, self.calib, [site], progress=False,
                         acc_dtype=self.acc_dtype)[site.name]
         distinct = distinct_inputs(self.model, self.calib, site.module_name) \

@@ -40,8 +40,9 @@ Contents:
 - :func:`reshape`: reshape a freshly built model from ``config.rmtkd_blocks`` (per block:
   ``{"mlp": inner width, "value_heads": kept dims per kept key-value head or None,
   "heads", "kv_heads": the query / key-value heads kept (a head without value dims is
-  removed with its key and query rows), "ranks":
-  {linear: rank}, "biases": {linear: has bias}}``) and ``config.rmtkd_layout`` (the block
+  removed with its key and query rows), "head_size": the block's head size (a head width
+  cut narrows q, k, v and o to it and sets the layout's ``head_size_attrs``; the softmax
+  scale stays the stock one), "ranks": {linear: rank}, "biases": {linear: has bias}}``) and ``config.rmtkd_layout`` (the block
   paths and, per block, the relative paths of its projections; written by
   ``rmtkd.adapters.TransformerAdapter.layout_record``). Only these strings are used to walk
   the model.
@@ -481,12 +482,28 @@ def reshape_block(block: nn.Module, spec: dict, widths: dict, *, index: int = 0,
         for attr in spec.get("mlp_width_attrs") or ():
             if isinstance(get(block, attr), int):
                 set_attr(block, attr, int(size))
+    # the head size (a head width cut), then the value heads of that size
+    head_dim = int(widths.get("head_size") or spec["head_dim"])
+    attrs = spec.get("head_size_attrs") or ()
+    if attrs and get(block, attrs[0]) != head_dim:
+        heads, kv_heads = int(spec["heads"]), int(spec["kv_heads"])
+        for rel, n in ((spec["q"], heads), (spec["k"], kv_heads), (spec["v"], kv_heads)):
+            old = get(block, rel)
+            set_attr(block, rel, _new_linear(_features(old, "in_features", rel),
+                                             n * head_dim, old, has(rel), empty))
+        old = get(block, spec["o"])
+        set_attr(block, spec["o"], _new_linear(heads * head_dim, _features(
+            old, "out_features", spec["o"]), old, has(spec["o"]), empty))
+        for attr in attrs:
+            set_attr(block, attr, head_dim)
+            total = attr.rpartition(".")[0] + ".all_head_size"
+            if isinstance(get(block, total), int):
+                set_attr(block, total, heads * head_dim)
     dims = widths.get("value_heads")
     if dims is not None:
         # the heads kept (whole heads may be removed), else the layout's
         heads = int(widths.get("heads") or spec["heads"])
         kv_heads = int(widths.get("kv_heads") or spec["kv_heads"])
-        head_dim = int(spec["head_dim"])
         group = heads // kv_heads
         if len(dims) != kv_heads:
             raise ValueError(f"recorded value head dims {dims} do not match {kv_heads} "

@@ -68,7 +68,7 @@ def _plan(model: nn.Module, reduction: Reduction
     name = reduction.module_name
     if isinstance(ad, TransformerAdapter):
         dim = ad.dim_for(model, reduction.site, name)
-        if dim is not None and dim.kind == "embedding_rank":   # a factorisation in any mode
+        if dim is not None and dim.kind in ("embedding_rank", "head_width"):   # any mode
             return dim_replacements(model, dim, reduction), None
         if dim is not None and dim.kind == "residual_width":   # unit selection in any mode
             stream = ad.stream(model)
@@ -79,9 +79,9 @@ def _plan(model: nn.Module, reduction: Reduction
                 raise UnsupportedModuleError(
                     f"cannot cut {reduction.site!r} in width mode: in this {ad.layout.family} "
                     f"model the reducible dimensions are the token-embedding rank and each "
-                    f"block's value width and MLP inner width (sites "
-                    f"{', '.join(sites[:3])}, ...); query, key, pooler and head are left "
-                    f"alone")
+                    f"block's head width (where the family takes one), value width and MLP "
+                    f"inner width (sites {', '.join(sites[:5])}, ...); query, key, pooler and "
+                    f"head are left alone")
             return dim_replacements(model, dim, reduction), None
         if dim is None or dim.where != "input":
             sites = [d.site_name for d in ad.coupled_dims(model) if d.where == "input"]

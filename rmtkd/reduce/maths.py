@@ -78,6 +78,8 @@ class Reduction:
         reconstruction: (d, k) float ``R`` predicting the site from the kept units
             (``x ~= mean + R (x_S - mean_S)``); required with ``units``.
         surgery: one of SURGERIES; "select"/"auto" take effect only with ``units``.
+        maps: (2, d, k) float, a head width cut's block-diagonal query and key maps
+            (:mod:`rmtkd.reduce.attention`), else None.
     """
 
     site: str
@@ -90,6 +92,7 @@ class Reduction:
     units: torch.Tensor | None = None
     reconstruction: torch.Tensor | None = None
     surgery: str = "auto"
+    maps: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -109,6 +112,9 @@ class Reduction:
         if self.surgery not in SURGERIES:
             raise ValueError(f"Reduction {self.site!r}: surgery must be one of {SURGERIES}; "
                              f"got {self.surgery!r}")
+        if self.maps is not None and tuple(self.maps.shape) != (2, self.d, self.k):
+            raise ValueError(f"Reduction {self.site!r}: maps must have shape (2, d, k) = "
+                             f"(2, {self.d}, {self.k}); got {tuple(self.maps.shape)}")
         if (self.units is None) != (self.reconstruction is None):
             raise ValueError(f"Reduction {self.site!r}: units and reconstruction go together")
         if self.units is not None:

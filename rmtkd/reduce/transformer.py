@@ -25,8 +25,11 @@ layer, whatever their attribute paths.
 3. **Project**: any Linear of a block -> :class:`rmtkd.nn.ProjectedLinear`, the exact
    rank-k projection of its input (:func:`rmtkd.reduce.mlp.project_linear`).
 
+4. **Head width** (site: the attention's input; BERT family): one head size r for the
+   queries, keys and values of a block, :mod:`rmtkd.reduce.attention`.
+
 Widths: :func:`record_widths` writes per block ``{"mlp": inner width, "value_heads": None
-or k_g per kv head, "ranks": {relative name: rank}, "biases": {relative name: has bias}}``
+or k_g per kv head, "head_size": the head size, "ranks": {relative name: rank}, "biases": {relative name: has bias}}``
 on ``model.config.rmtkd_blocks``; :func:`apply_widths` reshapes a model freshly built from
 that config so the reduced state dict loads with ``strict=True``.
 """
@@ -48,6 +51,7 @@ from .heads import (HeadPaddedLinear, HeadSelectLinear, compact_attention, dense
                     top_eigenvectors, uniform_dims)
 from .maths import (ELEMENTWISE, PASSTHROUGH, Reduction, UnsupportedModuleError,
                     check_orthonormal, n_params, select_units, set_module, width_maps)
+from .attention import head_width_replacements
 from .embedding import factorize_embedding
 from .mlp import _linear, project_linear
 
@@ -389,6 +393,8 @@ def dim_site(dim: CoupledDim, model: nn.Module) -> Site:
     if dim.kind == "embedding_rank":
         return Site(dim.site_name, dim.capture, "embedding", int(module.embedding_dim),
                     dim.where)
+    if dim.kind == "head_width":   # analysed at q's input, cut in heads x head_dim
+        return Site(dim.site_name, dim.capture, "heads", int(module.out_features), dim.where)
     attr = "in_features" if dim.where == "input" else "out_features"
     return Site(dim.site_name, dim.capture, "linear", int(getattr(module, attr)), dim.where)
 
@@ -408,6 +414,9 @@ def dim_replacements(model: nn.Module, dim: CoupledDim, reduction: Reduction
     spec = dim.block
     if dim.kind == "mlp_width":
         new = mlp_replacements(block, spec, reduction)
+    elif dim.kind == "head_width":
+        new = head_width_replacements(block, spec, reduction, block_of(block)[0]
+                                      .head_size_attrs())
     else:
         a = spec.attention
         v = get(block, a.v)
@@ -437,6 +446,7 @@ def block_widths(block: nn.Module, spec: BlockSpec) -> dict:
     return {"mlp": None if width is None else int(width),
             "value_heads": list(v.head_dims) if isinstance(v, HeadPaddedLinear) else None,
             "heads": int(a.heads), "kv_heads": int(a.kv_heads),
+            "head_size": int(a.head_dim),
             "ranks": {rel: int(get(block, rel).rank) for rel in spec.linears
                       if isinstance(get(block, rel), ProjectedLinear)},
             "biases": {rel: _has_bias(get(block, rel)) for rel in spec.linears
