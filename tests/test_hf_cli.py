@@ -100,12 +100,15 @@ def test_compress_hf_dir_and_csv_loads_with_transformers(hf_dir, tmp_path, capsy
     assert report["meta"]["test_data"] == str(hf_dir / "test.csv")
     assert report["summary"]["final_params"] < report["summary"]["original_params"]
     # the sites are the task defaults' kinds only: the token-embedding rank, each block's
-    # MLP inner width, then the residual stream; none calibrated to be skipped for being
-    # of another kind
+    # MLP inner width, each block's head width, then the residual stream; none calibrated
+    # to be skipped for being of another kind
     sites = [r["site"] for r in report["history"]]
     assert sites[0] == "bert.embeddings.word_embeddings:output"
     assert sites[-1] == "bert.embeddings.LayerNorm:output"
-    assert all(s.endswith(".output.dense:input") for s in sites[1:-1]) and len(sites) > 2
+    n = (len(sites) - 2) // 2
+    assert n >= 1 and len(sites) == 2 * n + 2
+    assert all(s.endswith(".output.dense:input") for s in sites[1:1 + n])
+    assert all(s.endswith(".attention.self.query:input") for s in sites[1 + n:-1])
     model_dir = out / "model"
     assert (model_dir / "modeling_rmtkd.py").is_file()
     import rmtkd

@@ -329,7 +329,7 @@ def test_a_stream_narrower_than_the_embedding_rank_makes_the_table_dense(tmp_pat
                                rtol=0, atol=1e-6)
 
 
-def test_hf_job_defaults_cut_the_stream_of_encoders_only():
+def test_hf_job_defaults_cut_the_stream_and_heads_of_encoders_only():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from rmtkd.hf.job import TASK_DEFAULTS, resolve_defaults
@@ -343,5 +343,5 @@ def test_hf_job_defaults_cut_the_stream_of_encoders_only():
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, vocab_size=50, pad_token_id=0))
     got = resolve_defaults(TASK_DEFAULTS["classification"], llama)["sites"]
-    assert got == [s for s in sites if s != "residual_width"]
+    assert got == [s for s in sites if s not in ("residual_width", "head_width")]
     adapter_for(llama).select_dims(llama, got)   # every pattern names a site

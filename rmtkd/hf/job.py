@@ -28,17 +28,20 @@ from .model import HFModel, load_hf_dir
 # costs at most the site's share of the budget left; each cut is distilled for at most 100
 # Adam steps (batch 32) from the original model (its outputs cached, teacher_cache_mb),
 # matching the blocks' outputs too (``distill_features: "blocks"``, resolved to the model's
-# blocks by its adapter). Classifiers then have their residual stream cut (post-norm
-# encoders only; the last step: cut first, it left too little slack for the deep cuts
-# after it), distilled for 320 steps (100 left it 1.33 points below the original); as the
-# last site it also tries the k halfway between its deep cut and its MP one. On the
-# Rotten Tomatoes example (6 blocks, 10k texts, 2 CPU cores, Intel Xeon): 71.1% fewer
-# parameters at -0.08 test points in 844 s of compression (BENCHMARKS.md, issue 15).
+# blocks by its adapter). Classifiers then have each layer's head width cut (BERT family:
+# one head size for queries, keys and values; it halves the batch-1 latency's attention
+# share) and last their residual stream (post-norm encoders only; cut first, it left too
+# little slack for the deep cuts after it), distilled for 640 steps (320 held validation
+# at its floor and lost 1.72 test points with the heads cut; 100 left it 1.33 points below
+# the original); as the last site it also tries the k halfway between its deep cut and its
+# MP one. On the Rotten Tomatoes example (6 blocks, 10k texts, 2 CPU cores, AMD EPYC):
+# 77.5% fewer parameters at +0.00 test points, batch-1 latency 2.57x (torch) and 4.26x
+# (ONNX Runtime), 905 s (BENCHMARKS.md, issue 15).
 _DISTIL = {"sites": ["embedding_rank", "mlp_width"], "past_edge": 2.0, "lr": 1e-4,
            "warmup_steps": 30, "distill_epochs": 1, "distill_min_steps": 0,
            "distill_max_steps": 100, "distil_from": "original", "distill_features": "blocks"}
-_RESIDUAL = {"sites": ["embedding_rank", "mlp_width", "residual_width"],
-             "residual_distill_steps": 320}
+_RESIDUAL = {"sites": ["embedding_rank", "mlp_width", "head_width", "residual_width"],
+             "residual_distill_steps": 640}
 # Sentence encoders distil each step for 300 steps: at 100 the embedding rank's MP cut
 # broke the cosine budget and was kept at half of it (35.1% fewer in total on the MiniLM
 # example); at 300 it holds (53.7% fewer at test cosine 95.60, 1,108 s; BENCHMARKS.md).
@@ -65,15 +68,18 @@ class TextJob:
 
 def resolve_defaults(defaults: dict[str, Any], model: Any) -> dict[str, Any]:
     """``defaults`` with ``distill_features: "blocks"`` replaced by the model's block
-    module names (found by its adapter), and without the ``residual_width`` site where the
-    model has no post-norm residual stream to cut (a decoder)."""
+    module names (found by its adapter), and without the ``residual_width`` and
+    ``head_width`` sites where the model has no such dimension (a decoder: no post-norm
+    residual stream, a rotary attention)."""
     out = dict(defaults)
-    if "residual_width" in (out.get("sites") or []):
+    optional = [p for p in out.get("sites") or () if p in ("residual_width", "head_width")]
+    if optional:
         from ..adapters import TransformerAdapter, adapter_for
 
         ad = adapter_for(model, strict=False)
-        if not isinstance(ad, TransformerAdapter) or ad.stream(model) is None:
-            out["sites"] = [p for p in out["sites"] if p != "residual_width"]
+        have = {d.kind for d in ad.coupled_dims(model)} \
+            if isinstance(ad, TransformerAdapter) else set()
+        out["sites"] = [p for p in out["sites"] if p not in optional or p in have]
     if out.get("distill_features") == "blocks":
         from ..adapters import block_modules
 
