@@ -33,8 +33,9 @@ from torch import nn
 
 from ..adapters import get
 from ..adapters.base import BlockSpec
+from ..capture import Site
 from .heads import f64, head_bases, top_eigenvectors
-from .maths import Reduction, UnsupportedModuleError
+from .maths import Reduction, UnsupportedModuleError, n_params, set_module
 from .mlp import _linear
 
 __all__ = ["HeadStatistics", "head_statistics", "qk_maps", "head_width_reduction",
@@ -112,10 +113,6 @@ def qk_maps(query_moment: torch.Tensor, key_cov: torch.Tensor, r: int
     return gi @ U[:, :r] * root, ci @ Vh[:r].T * root
 
 
-def _block_diag(mats: list[torch.Tensor]) -> torch.Tensor:
-    return torch.block_diag(*mats)
-
-
 def head_width_reduction(site: Any, stats: HeadStatistics, r: int) -> Reduction:
     """The :class:`Reduction` keeping ``r`` dims per head: ``basis`` the block-diagonal value
     bases (d = heads x head_dim, k = heads x r), ``mean`` the value mean, ``maps`` the
@@ -128,9 +125,10 @@ def head_width_reduction(site: Any, stats: HeadStatistics, r: int) -> Reduction:
     values = [top_eigenvectors(cv[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd], r)
               for h in range(H)]
     pairs = [qk_maps(stats.query_moment[h], stats.key_cov[h], r) for h in range(H)]
-    maps = torch.stack([_block_diag([p[0] for p in pairs]), _block_diag([p[1] for p in pairs])])
-    return Reduction(site.name, site.module_name, "width", H * hd, H * r, _block_diag(values),
-                     f64(stats.mean), maps=maps)
+    maps = torch.stack([torch.block_diag(*[p[0] for p in pairs]),
+                        torch.block_diag(*[p[1] for p in pairs])])
+    return Reduction(site.name, site.module_name, "width", H * hd, H * r,
+                     torch.block_diag(*values), f64(stats.mean), maps=maps)
 
 
 def _head_blocks(M: torch.Tensor, H: int, hd: int, r: int) -> list[torch.Tensor]:
@@ -210,9 +208,7 @@ def cut_head_width(block: nn.Module, mean: torch.Tensor, cov: torch.Tensor, r: i
         ``{"site", "d", "k", "head_size", "params_before", "params_after"}`` (the block's
         parameters).
     """
-    from ..capture import Site
-    from .maths import n_params, set_module
-    from .transformer import block_of
+    from .transformer import block_of   # (it imports this module)
 
     ad, spec = block_of(block)
     attrs = ad.head_size_attrs()
