@@ -494,11 +494,7 @@ def reshape_block(block: nn.Module, spec: dict, widths: dict, *, index: int = 0,
         old = get(block, spec["o"])
         set_attr(block, spec["o"], _new_linear(heads * head_dim, _features(
             old, "out_features", spec["o"]), old, has(spec["o"]), empty))
-        for attr in attrs:
-            set_attr(block, attr, head_dim)
-            total = attr.rpartition(".")[0] + ".all_head_size"
-            if isinstance(get(block, total), int):
-                set_attr(block, total, heads * head_dim)
+        set_head_size(block, attrs, heads, head_dim)
     dims = widths.get("value_heads")
     if dims is not None:
         # the heads kept (whole heads may be removed), else the layout's
@@ -540,6 +536,17 @@ def reshape_block(block: nn.Module, spec: dict, widths: dict, *, index: int = 0,
             set_attr(block, rel, _new_linear(mod.in_features, mod.out_features, mod,
                                              has(rel), empty))
     return block
+
+
+def set_head_size(module: nn.Module, attrs: Sequence[str], heads: int, size: int) -> None:
+    """Set the head size attributes ``attrs`` (paths relative to ``module``) to ``size``,
+    and an ``all_head_size`` beside each, where there is one, to heads x size."""
+    for attr in attrs:
+        set_attr(module, attr, int(size))
+        parent = attr.rpartition(".")[0]
+        total = f"{parent}.all_head_size" if parent else "all_head_size"
+        if isinstance(get(module, total), int):
+            set_attr(module, total, int(heads * size))
 
 
 def _config_value(config: Any, key: str) -> Any:

@@ -34,6 +34,7 @@ from torch import nn
 from ..adapters import get
 from ..adapters.base import BlockSpec
 from ..capture import Site
+from ..hf.modeling_rmtkd import set_head_size
 from .heads import f64, head_bases, top_eigenvectors
 from .maths import Reduction, UnsupportedModuleError, n_params, set_module
 from .mlp import _linear
@@ -131,10 +132,6 @@ def head_width_reduction(site: Any, stats: HeadStatistics, r: int) -> Reduction:
                      torch.block_diag(*values), f64(stats.mean), maps=maps)
 
 
-def _head_blocks(M: torch.Tensor, H: int, hd: int, r: int) -> list[torch.Tensor]:
-    return [M[h * hd:(h + 1) * hd, h * r:(h + 1) * r] for h in range(H)]
-
-
 def head_width_replacements(block: nn.Module, spec: BlockSpec, reduction: Reduction,
                             attrs: tuple[str, ...]) -> dict[str, nn.Module]:
     """``{attention: a copy with q, k, v narrowed and the head size attributes ``attrs`` (of
@@ -159,45 +156,33 @@ def head_width_replacements(block: nn.Module, spec: BlockSpec, reduction: Reduct
             f"head width cut of {spec.name or 'the block'}: q, k, v and the head size "
             f"({', '.join(attrs)}) must be direct members of one attention module")
     r = reduction.k // H
-    U = head_bases(reduction.basis, H, hd)
+    U = head_bases(reduction.basis, H, hd)   # per head an orthonormal basis of its span
     if any(u.shape[1] != r for u in U):
         raise ValueError(f"Reduction {reduction.site!r}: the value basis must keep {r} "
                          f"orthonormal directions per head")
-    A = _head_blocks(f64(reduction.maps[0]), H, hd, r)
-    B = _head_blocks(f64(reduction.maps[1]), H, hd, r)
+    P = torch.block_diag(*U)
+    # the q/k maps act per head: block-diagonal, head h in its own rows and columns
+    outside = 1 - torch.block_diag(*[torch.ones(hd, r, dtype=torch.float64)] * H)
+    A, B = (f64(t).cpu() for t in reduction.maps)
+    if max(float((M * outside).abs().max()) for M in (A, B)) > 0:
+        raise ValueError(f"Reduction {reduction.site!r}: the query/key maps must be "
+                         f"block-diagonal, {r} columns per head")
 
-    def rows(lin: nn.Linear, maps: list[torch.Tensor]) -> nn.Linear:
-        w = f64(lin.weight).cpu()
-        b = None if lin.bias is None else f64(lin.bias).cpu()
-        W = torch.cat([m.T @ w[h * hd:(h + 1) * hd] for h, m in enumerate(maps)])
-        bias = None if b is None else torch.cat([m.T @ b[h * hd:(h + 1) * hd]
-                                                 for h, m in enumerate(maps)])
-        return _linear(W, bias, lin)
+    def rows(lin: nn.Linear, M: torch.Tensor) -> nn.Linear:
+        return _linear(M.T @ f64(lin.weight).cpu(),
+                       None if lin.bias is None else M.T @ f64(lin.bias).cpu(), lin)
 
     wo = f64(o.weight).cpu()
     bo = None if o.bias is None else f64(o.bias).cpu()
-    if reduction.mean is not None:
+    if reduction.mean is not None:   # (I - P P^T) mean reaches o unchanged
         m = f64(reduction.mean).cpu()
-        rest = torch.cat([m[h * hd:(h + 1) * hd] - U[h] @ (U[h].T @ m[h * hd:(h + 1) * hd])
-                          for h in range(H)])
-        bo = wo @ rest + (0 if bo is None else bo)
-    wo_new = torch.cat([wo[:, h * hd:(h + 1) * hd] @ U[h] for h in range(H)], dim=1)
+        bo = wo @ (m - P @ (P.T @ m)) + (0 if bo is None else bo)
     attention = copy.deepcopy(get(block, owner))
     tail = lambda rel: rel[len(owner) + 1:]  # noqa: E731
-    for rel, new in ((a.q, rows(q, A)), (a.k, rows(k, B)), (a.v, rows(v, U))):
+    for rel, new in ((a.q, rows(q, A)), (a.k, rows(k, B)), (a.v, rows(v, P))):
         setattr(attention, tail(rel), new)
     set_head_size(attention, tuple(tail(x) for x in attrs), H, r)
-    return {owner: attention, a.o: _linear(wo_new, bo, o)}
-
-
-def set_head_size(attention: nn.Module, attrs: tuple[str, ...], heads: int, size: int
-                  ) -> None:
-    """Set the attention's head size attributes ``attrs`` to ``size`` (and its
-    ``all_head_size``, where it has one, to heads x size)."""
-    for attr in attrs:
-        setattr(attention, attr, int(size))
-    if isinstance(getattr(attention, "all_head_size", None), int):
-        attention.all_head_size = int(heads * size)
+    return {owner: attention, a.o: _linear(wo @ P, bo, o)}
 
 
 def cut_head_width(block: nn.Module, mean: torch.Tensor, cov: torch.Tensor, r: int) -> dict:
